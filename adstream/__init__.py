@@ -1,0 +1,1 @@
+"""The adstream command line. Nothing imports this package; it wires the edges together."""

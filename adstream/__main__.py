@@ -1,0 +1,3 @@
+from adstream.cli import main
+
+raise SystemExit(main())

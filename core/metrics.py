@@ -1,0 +1,60 @@
+"""Metric names and the helpers every worker uses to export them.
+
+Names live here so that the dashboard, the docker-compose Prometheus config and the code agree.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+NS = "adstream"
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class WorkerMetrics:
+    """The metrics every stream worker exports. One instance per process (or per test, with its own
+    registry)."""
+
+    def __init__(self, worker: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.worker = worker
+        self.records_in = Counter(
+            f"{NS}_records_in", "Records consumed", ["worker", "topic"], registry=r
+        )
+        self.records_out = Counter(
+            f"{NS}_records_out", "Records produced", ["worker", "topic"], registry=r
+        )
+        self.dead_letters = Counter(
+            f"{NS}_dead_letters", "Records sent to the dead-letter topic", ["worker", "reason"], registry=r
+        )
+        self.join_outcomes = Counter(
+            f"{NS}_join_outcomes", "Join results by outcome", ["outcome"], registry=r
+        )
+        self.late_records = Counter(
+            f"{NS}_late_records", "Records behind the watermark by more than the allowance", ["worker", "topic"], registry=r
+        )
+        self.consumer_lag = Gauge(
+            f"{NS}_consumer_lag", "Records behind the end of the log", ["worker", "topic", "partition"], registry=r
+        )
+        self.processing_latency = Histogram(
+            f"{NS}_processing_latency_seconds", "Time from record append to processed", ["worker"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.feature_freshness = Histogram(
+            f"{NS}_feature_freshness_seconds",
+            "Time from an event entering Kafka to its effect being readable in the online store",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.features_written = Counter(
+            f"{NS}_features_written", "Feature rows pushed to the store", ["view"], registry=r
+        )
+        self.watermark = Gauge(
+            f"{NS}_watermark_seconds", "Event-time watermark", ["worker"], registry=r
+        )
+
+    def serve(self, port: int, host: str = "127.0.0.1"):
+        """Expose ``/metrics`` on host:port (always loopback by default). Returns the server."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server

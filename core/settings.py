@@ -1,0 +1,153 @@
+"""Typed configuration, validated once at the edge and passed down.
+
+Sources, later ones winning: defaults < YAML file (``--config FILE`` or ``ADSTREAM_CONFIG``) <
+environment (``ADSTREAM_<SECTION>__<FIELD>``, e.g. ``ADSTREAM_KAFKA__BOOTSTRAP=host:9092``) <
+explicit overrides from the command line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.errors import ConfigError
+
+
+class TopicNames(BaseModel):
+    impressions: str = "impressions"
+    clicks: str = "clicks"
+    conversions: str = "conversions"
+    bidword_inventory: str = "bidword-inventory"
+    examples: str = "examples"
+    dead_letter: str = "dead-letter"
+
+    def all(self) -> list[str]:
+        return list(self.model_dump().values())
+
+
+class KafkaSettings(BaseModel):
+    # None: start (or find) the embedded broker; "host:port": use an existing cluster
+    bootstrap: str | None = None
+    partitions: int = Field(6, ge=1, le=1024)
+    replication_factor: int = Field(1, ge=1)
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 2000
+    topics: TopicNames = TopicNames()
+
+
+class BrokerSettings(BaseModel):
+    """The embedded broker: Apache Kafka (KRaft) from released jars, or the Tansu fallback."""
+
+    kind: str = Field("auto", pattern="^(auto|kafka|tansu)$")
+    kafka_version: str = "4.1.1"
+    host: str = "127.0.0.1"
+    port: int = 19092
+    controller_port: int = 19093
+    data_dir: Path = Path(".adstream/broker")
+    cache_dir: Path = Path(os.environ.get("ADSTREAM_CACHE", Path.home() / ".cache" / "adstream"))
+    heap: str = "512m"
+
+
+class JoinSettings(BaseModel):
+    attribution_window_s: float = Field(600.0, gt=0)  # a click counts if within this of its impression
+    allowed_lateness_s: float = Field(60.0, ge=0)  # how far behind the watermark a record may arrive
+    max_pending: int = 2_000_000  # safety bound on open impressions per worker
+
+
+class FeatureSettings(BaseModel):
+    repo_dir: Path = Path(".adstream/feature_repo")
+    online_store: str = Field("sqlite", pattern="^(sqlite|redis)$")
+    redis_url: str = "127.0.0.1:6379"
+    half_lives_s: list[float] = [3600.0, 86400.0, 7 * 86400.0]
+    ctr_prior_strength: float = 20.0  # pseudo-impressions for the smoothed CTR
+    flush_interval_s: float = 0.5
+    checkpoint_dir: Path = Path(".adstream/feature_updater")
+
+    @field_validator("half_lives_s")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if not v or any(h <= 0 for h in v):
+            raise ValueError("half_lives_s must be a non-empty list of positive seconds")
+        return v
+
+
+class MetricsSettings(BaseModel):
+    host: str = "127.0.0.1"
+    joiner_port: int = 9101
+    feature_updater_port: int = 9102
+    trainer_port: int = 9103
+    serve_port: int = 8080
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ADSTREAM_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    broker: BrokerSettings = BrokerSettings()
+    join: JoinSettings = JoinSettings()
+    features: FeatureSettings = FeatureSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    state_dir: Path = Path(".adstream")
+
+
+def _deep_update(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_update(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load settings from an optional YAML file, the environment and explicit overrides.
+
+    ``overrides`` use nested dicts, e.g. ``load_settings(kafka={"bootstrap": "h:9092"})``.
+    """
+    import yaml
+
+    path = config_file or os.environ.get("ADSTREAM_CONFIG")
+    file_data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            file_data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(file_data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    try:
+        env_only = Settings()  # environment over defaults
+        merged = _deep_update(file_data, _explicit_env(env_only))
+        merged = _deep_update(merged, {k: v for k, v in overrides.items() if v is not None})
+        return Settings(**merged)
+    except Exception as e:  # pydantic.ValidationError and friends
+        raise ConfigError(f"invalid configuration: {e}") from None
+
+
+def _explicit_env(s: Settings) -> dict[str, Any]:
+    """The part of ``s`` that came from the environment (fields that differ from the defaults)."""
+    defaults = Settings.model_construct().model_dump()
+    # model_construct skips env; compare the dumped trees and keep what differs
+    return _diff(s.model_dump(), defaults)
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in a.items():
+        if isinstance(v, dict) and isinstance(b.get(k), dict):
+            d = _diff(v, b[k])
+            if d:
+                out[k] = d
+        elif v != b.get(k):
+            out[k] = v
+    return out

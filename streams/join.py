@@ -1,0 +1,337 @@
+"""The impression ⋈ click/conversion join as pure, runtime-independent state.
+
+The faust worker in :mod:`streams.joiner` feeds records into a :class:`JoinState` and acts on what
+comes out; keeping the logic here makes it testable without a broker and reusable by any runtime.
+
+Semantics (event time):
+
+* Impressions, clicks and conversions are keyed by ``request_id`` and co-partitioned, so one
+  partition index of each topic is joined on its own (:class:`PartitionJoin`).
+* A click or conversion counts for its impression when its event time lies within
+  ``attribution_window_s`` after the impression. The example of an impression is emitted when the
+  partition's watermark (max event time seen − ``allowed_lateness_s``) passes the end of its window;
+  non-clicked impressions become negatives then. The content depends only on the input, so
+  re-processing yields the same key with the same content.
+* Records behind the watermark by more than the allowance are *late*: an impression whose window has
+  already closed, or a click for an impression that was already emitted. They are dead-lettered
+  with reason ``late`` and counted. A click whose impression never arrives is dead-lettered as
+  ``orphan_click`` once the watermark passes it.
+
+Offsets (at-least-once without loss): every record that is still needed to rebuild the state is
+*held*; the committable offset of a topic-partition is its smallest held offset. A click attached to
+an impression is held until the impression's own offset is committable, so a restart from committed
+offsets never sees an impression without the clicks that were joined to it. (The converse can
+happen: after a crash a click may be re-read whose impression was already committed; it is then
+dead-lettered as an orphan a second time, under the same dead-letter key.)
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from core.errors import InvalidRecord
+from core.events import Click, Conversion, Event, Example, Impression
+
+IMPRESSION, CLICK, CONVERSION = "impression", "click", "conversion"
+KINDS = (IMPRESSION, CLICK, CONVERSION)
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    kind: str
+    partition: int
+    offset: int
+    event: Event | None
+    error: InvalidRecord
+
+
+@dataclass(slots=True)
+class _Pending:
+    imp: Impression
+    offset: int
+    close_at: float
+    clicked: bool = False
+    click_time: float | None = None
+    converted: bool = False
+    outcomes: list[tuple[str, int]] = field(default_factory=list)
+
+
+class _HeldOffsets:
+    """Offsets still needed, with O(log n) minimum (a heap with lazy deletion)."""
+
+    __slots__ = ("_heap", "_live", "next_offset")
+
+    def __init__(self) -> None:
+        self._heap: list[int] = []
+        self._live: set[int] = set()
+        self.next_offset = -1  # one past the highest offset seen; -1 = nothing seen
+
+    def seen(self, offset: int) -> None:
+        if offset + 1 > self.next_offset:
+            self.next_offset = offset + 1
+
+    def hold(self, offset: int) -> None:
+        if offset not in self._live:
+            self._live.add(offset)
+            heapq.heappush(self._heap, offset)
+
+    def release(self, offset: int) -> None:
+        self._live.discard(offset)
+
+    def committable(self) -> int | None:
+        """The offset a consumer may commit: everything below it is no longer needed."""
+        h = self._heap
+        while h and h[0] not in self._live:
+            heapq.heappop(h)
+        if h:
+            return h[0]
+        return self.next_offset if self.next_offset >= 0 else None
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+
+class PartitionJoin:
+    """Join state of one partition index across the impression/click/conversion topics."""
+
+    def __init__(self, partition: int, window_s: float, lateness_s: float, track_inputs: bool = False) -> None:
+        self.partition = partition
+        self.window_s = window_s
+        self.lateness_s = lateness_s
+        self.max_event_time = -math.inf
+        self.max_time = {k: -math.inf for k in KINDS}
+        # kinds whose input is caught up (read to the end). None = no progress information: the
+        # watermark then follows the newest event of any kind (fine for one ordered input).
+        self.idle: set[str] | None = set() if track_inputs else None
+        self.pending: dict[tuple[str, str], _Pending] = {}
+        self._close_heap: list[tuple[float, int, tuple[str, str]]] = []
+        self.orphans: dict[tuple[str, str], list[tuple[str, Event, int]]] = {}
+        self._orphan_heap: list[tuple[float, int, tuple[str, str]]] = []
+        self.closed: dict[tuple[str, str], float] = {}  # recently emitted key -> purge time
+        self._closed_heap: list[tuple[float, tuple[str, str]]] = []
+        self.held = {k: _HeldOffsets() for k in KINDS}
+        self._waiting: list[tuple[int, str, int]] = []  # (impression offset, kind, offset)
+        self._seq = 0
+
+    @property
+    def watermark(self) -> float:
+        """Event time up to which this partition is complete, minus the allowance. With several
+        inputs it follows the slowest input that still has records to deliver, so a topic that
+        is read ahead of another never closes windows the other still has clicks for."""
+        if self.idle is None:
+            return self.max_event_time - self.lateness_s
+        active = [self.max_time[k] for k in KINDS if k not in self.idle]
+        t = min(active) if active else self.max_event_time
+        return t - self.lateness_s
+
+    # -- input -------------------------------------------------------------------------------
+    def add(self, kind: str, offset: int, event: Event, out: "JoinOutput") -> None:
+        self.held[kind].seen(offset)
+        if kind == IMPRESSION:
+            self._add_impression(offset, event, out)  # type: ignore[arg-type]
+        else:
+            self._add_outcome(kind, offset, event, out)
+        if event.event_time > self.max_time[kind]:
+            self.max_time[kind] = event.event_time
+            if event.event_time > self.max_event_time:
+                self.max_event_time = event.event_time
+
+    def _add_impression(self, offset: int, imp: Impression, out: "JoinOutput") -> None:
+        key = (imp.request_id, imp.ad_id)
+        if key in self.pending or key in self.closed:
+            out.stats["duplicate_impression"] += 1
+            return
+        close_at = imp.event_time + self.window_s
+        if close_at <= self.watermark:
+            out.dead.append(
+                DeadLetter(IMPRESSION, self.partition, offset, imp,
+                           InvalidRecord("late", f"impression {close_at - self.watermark:.1f}s behind the watermark"))
+            )
+            out.stats["late"] += 1
+            return
+        p = _Pending(imp, offset, close_at)
+        self.pending[key] = p
+        self.held[IMPRESSION].hold(offset)
+        self._seq += 1
+        heapq.heappush(self._close_heap, (close_at, self._seq, key))
+        for kind, ev, off in self.orphans.pop(key, ()):
+            self._attach(p, kind, ev, off, out)
+
+    def _add_outcome(self, kind: str, offset: int, ev: Event, out: "JoinOutput") -> None:
+        key = (ev.request_id, ev.ad_id)  # type: ignore[attr-defined]
+        p = self.pending.get(key)
+        if p is not None:
+            self._attach(p, kind, ev, offset, out)
+            return
+        if key in self.closed or ev.event_time <= self.watermark - self.window_s:
+            out.dead.append(
+                DeadLetter(kind, self.partition, offset, ev,
+                           InvalidRecord("late", f"{kind} after its impression's example was emitted"))
+            )
+            out.stats["late"] += 1
+            return
+        # the impression may still come (out of order): wait until the watermark passes the event
+        self.held[kind].hold(offset)
+        self.orphans.setdefault(key, []).append((kind, ev, offset))
+        self._seq += 1
+        heapq.heappush(self._orphan_heap, (ev.event_time, self._seq, key))
+
+    def _attach(self, p: _Pending, kind: str, ev: Event, offset: int, out: "JoinOutput") -> None:
+        dt = ev.event_time - p.imp.event_time
+        if not (0.0 <= dt <= self.window_s):
+            out.stats[f"{kind}_outside_window"] += 1
+            self.held[kind].release(offset)
+            return
+        if kind == CLICK:
+            p.clicked = True
+            p.click_time = ev.event_time if p.click_time is None else min(p.click_time, ev.event_time)
+        else:
+            p.converted = True
+        self.held[kind].hold(offset)
+        p.outcomes.append((kind, offset))
+        out.stats[f"{kind}_matched"] += 1
+
+    # -- time --------------------------------------------------------------------------------
+    def advance(self, out: "JoinOutput", flush_all: bool = False) -> None:
+        """Emit every impression whose window closed (all of them when ``flush_all``), dead-letter
+        expired orphans, and release offsets that are no longer needed."""
+        wm = math.inf if flush_all else self.watermark
+        heap = self._close_heap
+        while heap and heap[0][0] <= wm:
+            close_at, _, key = heapq.heappop(heap)
+            p = self.pending.pop(key, None)
+            if p is None:
+                continue
+            ex = Example.from_impression(p.imp, p.clicked, p.converted, p.click_time)
+            out.examples.append(ex)
+            out.stats["positive" if p.clicked else "negative"] += 1
+            self.held[IMPRESSION].release(p.offset)
+            for kind, off in p.outcomes:
+                heapq.heappush(self._waiting, (p.offset, kind, off))
+            purge = close_at + self.window_s + self.lateness_s
+            self.closed[key] = purge
+            heapq.heappush(self._closed_heap, (purge, key))
+        oh = self._orphan_heap
+        while oh and oh[0][0] < wm:
+            _, _, key = heapq.heappop(oh)
+            for kind, ev, off in self.orphans.pop(key, ()):
+                reason = "orphan_click" if kind == CLICK else "orphan_conversion"
+                out.dead.append(
+                    DeadLetter(kind, self.partition, off, ev,
+                               InvalidRecord(reason, f"no impression for request {ev.request_id} ad {ev.ad_id}"))  # type: ignore[attr-defined]
+                )
+                out.stats[reason] += 1
+                self.held[kind].release(off)
+        ch = self._closed_heap
+        purge_wm = self.watermark
+        while ch and ch[0][0] < purge_wm:
+            _, key = heapq.heappop(ch)
+            self.closed.pop(key, None)
+        # outcomes are released only once their impression's offset is committable
+        imp_commit = self.held[IMPRESSION].committable()
+        w = self._waiting
+        while w and imp_commit is not None and w[0][0] < imp_commit:
+            _, kind, off = heapq.heappop(w)
+            self.held[kind].release(off)
+
+    def committable(self) -> dict[str, int]:
+        out = {}
+        for kind, h in self.held.items():
+            c = h.committable()
+            if c is not None:
+                out[kind] = c
+        return out
+
+
+@dataclass
+class JoinOutput:
+    examples: list[Example] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    stats: Counter = field(default_factory=Counter)
+
+    def clear(self) -> None:
+        self.examples.clear()
+        self.dead.clear()
+        self.stats.clear()
+
+
+class JoinState:
+    """Join state of every partition index this worker owns."""
+
+    def __init__(self, window_s: float, lateness_s: float, track_inputs: bool = False) -> None:
+        """``track_inputs``: the runtime reports which inputs are caught up (:meth:`set_idle`); until
+        it does, every input counts as active, so the watermark waits for all of them."""
+        self.track_inputs = track_inputs
+        if window_s <= 0 or lateness_s < 0:
+            raise ValueError("window must be > 0 and lateness >= 0")
+        self.window_s = window_s
+        self.lateness_s = lateness_s
+        self.partitions: dict[int, PartitionJoin] = {}
+        self.out = JoinOutput()
+
+    def part(self, partition: int) -> PartitionJoin:
+        p = self.partitions.get(partition)
+        if p is None:
+            p = self.partitions[partition] = PartitionJoin(
+                partition, self.window_s, self.lateness_s, self.track_inputs
+            )
+        return p
+
+    def add(self, kind: str, partition: int, offset: int, event: Event) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}")
+        self.part(partition).add(kind, offset, event, self.out)
+
+    def skip(self, kind: str, partition: int, offset: int) -> None:
+        """Record that an offset was read but carries nothing to hold (e.g. a dead-lettered record)."""
+        self.part(partition).held[kind].seen(offset)
+
+    def advance(self, partitions: Iterable[int] | None = None, flush_all: bool = False) -> None:
+        for p in list(self.partitions.values()) if partitions is None else [self.part(i) for i in partitions]:
+            p.advance(self.out, flush_all=flush_all)
+
+    def set_idle(self, partition: int, idle_kinds: set[str]) -> None:
+        """Tell the join which inputs of a partition are read to their end (see watermark)."""
+        self.part(partition).idle = set(idle_kinds)
+
+    def revoke(self, partitions: Iterable[int]) -> None:
+        """Forget partitions handed to another worker; it rebuilds them from committed offsets."""
+        for i in partitions:
+            self.partitions.pop(i, None)
+
+    def committable(self) -> dict[tuple[str, int], int]:
+        return {(k, i): off for i, p in self.partitions.items() for k, off in p.committable().items()}
+
+    @property
+    def pending(self) -> int:
+        return sum(len(p.pending) for p in self.partitions.values())
+
+    def watermarks(self) -> dict[int, float]:
+        return {i: p.watermark for i, p in self.partitions.items()}
+
+
+def join_offline(
+    records: Iterable[tuple[str, int, int, Event]], window_s: float, lateness_s: float
+) -> tuple[list[Example], list[DeadLetter]]:
+    """Run the join over a finite, ordered list of (kind, partition, offset, event) and flush at the
+    end. Handy for tests and for recomputing the expected output of a replay."""
+    st = JoinState(window_s, lateness_s)
+    for kind, part, off, ev in records:
+        st.add(kind, part, off, ev)
+        st.part(part).advance(st.out)
+    st.advance(flush_all=True)
+    return st.out.examples, st.out.dead
+
+
+def kind_of(event: Event) -> str:
+    if isinstance(event, Impression):
+        return IMPRESSION
+    if isinstance(event, Click):
+        return CLICK
+    if isinstance(event, Conversion):
+        return CONVERSION
+    raise ValueError(f"not a joinable event: {type(event).__name__}")

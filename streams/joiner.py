@@ -1,0 +1,258 @@
+"""The stream joiner: a faust-streaming worker that turns impressions, clicks and conversions into
+labelled examples.
+
+One agent consumes the three co-partitioned topics (keyed by ``request_id``) in batches
+(``noack_take``), validates every record (bad ones go to the dead-letter topic with the reason), feeds
+the rest to :class:`streams.join.JoinState`, produces closed examples to the ``examples`` topic keyed
+``request_id:ad_id``, and acknowledges a record only when the join no longer needs it — in offset
+order per partition, so the committed offset is always a safe restart point (see streams/join.py).
+
+Run it with ``adstream joiner`` (or ``python -m streams.joiner``); several processes with the same
+``--app-id`` form one consumer group and split the partitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import time
+from collections import defaultdict, deque
+from typing import Any
+
+from core.errors import InvalidRecord
+from core.events import Click, Conversion, Impression, dead_letter_record, decode
+from core.metrics import WorkerMetrics
+from core.settings import Settings
+from streams.join import CLICK, CONVERSION, IMPRESSION, JoinOutput, JoinState
+
+log = logging.getLogger(__name__)
+
+BATCH_MAX = 5000
+BATCH_WITHIN_S = 0.1
+
+
+def build_app(
+    settings: Settings,
+    bootstrap: str,
+    app_id: str = "adstream-joiner",
+    metrics: WorkerMetrics | None = None,
+    idle_flush_s: float | None = None,
+):
+    """Build the faust app. ``idle_flush_s``: when no record arrived for that long, close every open
+    window (for finite replays and demos; leave it unset on an endless stream)."""
+    import faust
+
+    topics = settings.kafka.topics
+    metrics = metrics or WorkerMetrics("joiner")
+    app = faust.App(
+        app_id,
+        broker=f"kafka://{bootstrap}",
+        store="memory://",
+        topic_partitions=settings.kafka.partitions,
+        topic_replication_factor=settings.kafka.replication_factor,
+        broker_session_timeout=settings.kafka.session_timeout_ms / 1000.0,
+        broker_heartbeat_interval=settings.kafka.heartbeat_interval_ms / 1000.0,
+        stream_wait_empty=False,  # records are held on purpose until the join releases them
+        web_enabled=False,
+        producer_linger_ms=5,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+    )
+    kind_of_topic = {topics.impressions: IMPRESSION, topics.clicks: CLICK, topics.conversions: CONVERSION}
+    expected = {IMPRESSION: Impression, CLICK: Click, CONVERSION: Conversion}
+    source = app.topic(
+        topics.impressions, topics.clicks, topics.conversions,
+        key_serializer="raw", value_serializer="raw",
+    )
+    examples_topic = app.topic(topics.examples, key_serializer="raw", value_serializer="raw")
+    dlq_topic = app.topic(topics.dead_letter, key_serializer="raw", value_serializer="raw")
+
+    state = JoinState(settings.join.attribution_window_s, settings.join.allowed_lateness_s, track_inputs=True)
+    held: dict[tuple[str, int], deque] = defaultdict(deque)  # (kind, partition) -> events by offset
+    clock = {"last_record": time.monotonic()}
+    worker = metrics.worker
+
+    lock = asyncio.Lock()
+
+    async def publish_and_ack() -> None:
+        async with lock:  # the agent and the timer both publish; one at a time, in order
+            await _publish_and_ack()
+
+    async def _publish_and_ack() -> None:
+        out = JoinOutput(list(state.out.examples), list(state.out.dead), state.out.stats.copy())
+        state.out.clear()
+        committable = state.committable()  # taken with the outputs it depends on
+        futs = []
+        for ex in out.examples:
+            futs.append(await examples_topic.send(key=ex.key.encode(), value=ex.to_json()))
+        for d in out.dead:
+            topic = {IMPRESSION: topics.impressions, CLICK: topics.clicks, CONVERSION: topics.conversions}[d.kind]
+            raw = d.event.to_json() if d.event is not None else b""
+            futs.append(await dlq_topic.send(
+                key=f"{topic}:{d.partition}:{d.offset}".encode(),
+                value=dead_letter_record(topic, d.partition, d.offset, raw, d.error),
+            ))
+            metrics.dead_letters.labels(worker, d.error.reason).inc()
+        if out.examples:
+            metrics.records_out.labels(worker, topics.examples).inc(len(out.examples))
+        for name, n in out.stats.items():
+            metrics.join_outcomes.labels(name).inc(n)
+            if name == "late":
+                metrics.late_records.labels(worker, "all").inc(n)
+        if futs:
+            await asyncio.gather(*futs)  # delivered before anything they depend on is acked
+        for (kind, part), off in committable.items():
+            dq = held.get((kind, part))
+            while dq and dq[0][0] < off:
+                dq.popleft()[1].ack()
+        for part, wm in state.watermarks().items():
+            metrics.watermark.labels(f"{worker}-p{part}").set(wm if wm > -1e18 else 0)
+
+    topic_of_kind = {v: k for k, v in kind_of_topic.items()}
+
+    def update_idle(partitions) -> None:
+        """An input partition is idle when it has been read up to its high watermark."""
+        from faust.types import TP
+
+        consumer = app.consumer
+        for part in partitions:
+            idle = set()
+            for kind, topic in topic_of_kind.items():
+                tp = TP(topic, part)
+                hw = consumer.highwater(tp)
+                dq = held.get((kind, part))
+                pos = dq[-1][0] + 1 if dq else consumer._committed_offset.get(tp)
+                if hw is not None and (hw == 0 or (pos is not None and pos >= hw)):
+                    idle.add(kind)
+            state.set_idle(part, idle)
+
+    @app.agent(source)
+    async def join(stream):
+        async for batch in stream.noack_take(BATCH_MAX, within=BATCH_WITHIN_S):
+            now = time.time()
+            touched = set()
+            for event in batch:
+                msg = event.message
+                kind = kind_of_topic[msg.topic]
+                held[(kind, msg.partition)].append((msg.offset, event))
+                metrics.records_in.labels(worker, msg.topic).inc()
+                if msg.timestamp:
+                    metrics.processing_latency.labels(worker).observe(max(0.0, now - msg.timestamp))
+                try:
+                    ev = decode(msg.value, expected[kind], now=now)
+                except InvalidRecord as err:
+                    state.skip(kind, msg.partition, msg.offset)
+                    state.out.dead.append(_dead(kind, msg, err))
+                    continue
+                state.add(kind, msg.partition, msg.offset, ev)
+                touched.add(msg.partition)
+            update_idle(touched)
+            state.advance(touched)
+            clock["last_record"] = time.monotonic()
+            await publish_and_ack()
+
+    @app.timer(interval=0.5)
+    async def housekeeping():
+        if lock.locked():
+            return
+        if idle_flush_s is not None and state.pending and time.monotonic() - clock["last_record"] > idle_flush_s:
+            log.info("idle for %.1fs: closing %d open impressions", idle_flush_s, state.pending)
+            state.advance(flush_all=True)
+            await publish_and_ack()
+        elif state.partitions:
+            update_idle(list(state.partitions))
+            state.advance()
+            await publish_and_ack()
+        try:
+            for tp in app.consumer.assignment():
+                hw = app.consumer.highwater(tp)
+                dq = held.get((kind_of_topic.get(tp.topic, ""), tp.partition))
+                pos = (dq[-1][0] + 1) if dq else None
+                if hw is not None and pos is not None:
+                    metrics.consumer_lag.labels(worker, tp.topic, str(tp.partition)).set(max(0, hw - pos))
+        except Exception:  # lag is best effort; never let it stop the worker
+            pass
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app_, revoked=(), **kwargs):
+        parts = {tp.partition for tp in revoked}
+        if parts:
+            log.info("partitions revoked: %s (state dropped; the new owner rebuilds it)", sorted(parts))
+        state.revoke(parts)
+        for key in [k for k in held if k[1] in parts]:
+            del held[key]
+
+    app.join_state = state  # for introspection in tests
+    return app
+
+
+def _dead(kind: str, msg: Any, err: InvalidRecord):
+    from streams.join import DeadLetter
+
+    class _Raw:
+        def __init__(self, raw):
+            self._raw = raw if isinstance(raw, (bytes, bytearray)) else (raw or b"")
+
+        def to_json(self):
+            return bytes(self._raw)
+
+    return DeadLetter(kind, msg.partition, msg.offset, _Raw(msg.value), err)  # type: ignore[arg-type]
+
+
+def run_worker(
+    settings: Settings,
+    bootstrap: str,
+    app_id: str = "adstream-joiner",
+    metrics_port: int | None = None,
+    idle_flush_s: float | None = None,
+    loglevel: str = "info",
+) -> None:
+    """Run a joiner worker until stopped (SIGTERM/SIGINT). Blocks."""
+    import faust
+
+    metrics = WorkerMetrics(f"joiner-{os.getpid()}")
+    if metrics_port is not None:
+        metrics.serve(metrics_port, settings.metrics.host)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics.host, metrics_port)
+    app = build_app(settings, bootstrap, app_id, metrics, idle_flush_s)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from core.settings import load_settings
+
+    ap = argparse.ArgumentParser(prog="python -m streams.joiner", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bootstrap", required=True)
+    ap.add_argument("--config")
+    ap.add_argument("--app-id", default="adstream-joiner")
+    ap.add_argument("--topic-prefix", default="", help="prefix every topic name (tests)")
+    ap.add_argument("--partitions", type=int)
+    ap.add_argument("--window", type=float, help="attribution window, seconds")
+    ap.add_argument("--lateness", type=float, help="allowed lateness, seconds")
+    ap.add_argument("--idle-flush", type=float, help="close all windows after this many idle seconds")
+    ap.add_argument("--metrics-port", type=int)
+    a = ap.parse_args(argv)
+    over: dict[str, Any] = {}
+    if a.partitions:
+        over.setdefault("kafka", {})["partitions"] = a.partitions
+    if a.topic_prefix:
+        from core.settings import TopicNames
+
+        over.setdefault("kafka", {})["topics"] = {
+            k: a.topic_prefix + v for k, v in TopicNames().model_dump().items()
+        }
+    if a.window is not None:
+        over.setdefault("join", {})["attribution_window_s"] = a.window
+    if a.lateness is not None:
+        over.setdefault("join", {})["allowed_lateness_s"] = a.lateness
+    s = load_settings(a.config, **over)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_worker(s, a.bootstrap, a.app_id, a.metrics_port, a.idle_flush)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
