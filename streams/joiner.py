@@ -62,16 +62,22 @@ def build_app(
     )
     kind_of_topic = {topics.impressions: IMPRESSION, topics.clicks: CLICK, topics.conversions: CONVERSION}
     expected = {IMPRESSION: Impression, CLICK: Click, CONVERSION: Conversion}
+    # acks=False: this worker commits its input offsets itself (see _commit), because faust would
+    # also acknowledge records it skips around a rebalance, which could move the committed offset
+    # past records whose join state was dropped.
     source = app.topic(
         topics.impressions, topics.clicks, topics.conversions,
-        key_serializer="raw", value_serializer="raw",
+        key_serializer="raw", value_serializer="raw", acks=False,
     )
     examples_topic = app.topic(topics.examples, key_serializer="raw", value_serializer="raw")
     dlq_topic = app.topic(topics.dead_letter, key_serializer="raw", value_serializer="raw")
 
     state = JoinState(settings.join.attribution_window_s, settings.join.allowed_lateness_s, track_inputs=True)
-    held: dict[tuple[str, int], deque] = defaultdict(deque)  # (kind, partition) -> events by offset
+    last_seen: dict[tuple[str, int], int] = {}  # (kind, partition) -> last offset processed
+    committed: dict[tuple[str, int], int] = {}  # what this worker committed last
     clock = {"last_record": time.monotonic()}
+    gen = {"n": 0}  # bumped by every rebalance
+    settings_commit_interval_s = 1.0
     worker = metrics.worker
 
     lock = asyncio.Lock()
@@ -84,6 +90,7 @@ def build_app(
         out = JoinOutput(list(state.out.examples), list(state.out.dead), state.out.stats.copy())
         state.out.clear()
         committable = state.committable()  # taken with the outputs it depends on
+        generation = gen["n"]
         futs = []
         for ex in out.examples:
             futs.append(await examples_topic.send(key=ex.key.encode(), value=ex.to_json()))
@@ -103,14 +110,30 @@ def build_app(
                 metrics.late_records.labels(worker, "all").inc(n)
         if futs:
             await asyncio.gather(*futs)  # delivered before anything they depend on is acked
-        for (kind, part), off in committable.items():
-            dq = held.get((kind, part))
-            while dq and dq[0][0] < off:
-                dq.popleft()[1].ack()
+        if generation != gen["n"]:
+            return  # a rebalance rebuilt the state meanwhile: these offsets are not ours to commit
+        await _commit(committable)
         for part, wm in state.watermarks().items():
             metrics.watermark.labels(f"{worker}-p{part}").set(wm if wm > -1e18 else 0)
 
     topic_of_kind = {v: k for k, v in kind_of_topic.items()}
+
+    async def _commit(committable: dict[tuple[str, int], int]) -> None:
+        from faust.types import TP
+
+        now = time.monotonic()
+        if now - clock.get("last_commit", 0.0) < settings_commit_interval_s:
+            return
+        assignment = app.consumer.assignment()
+        offsets = {}
+        for (kind, part), off in committable.items():
+            tp = TP(topic_of_kind[kind], part)
+            if tp in assignment and off > committed.get((kind, part), -1):
+                offsets[tp] = off
+        if offsets and await app.consumer._commit(offsets):
+            for tp, off in offsets.items():
+                committed[(kind_of_topic[tp.topic], tp.partition)] = off
+        clock["last_commit"] = now
 
     def update_idle(partitions) -> None:
         """An input partition is idle when it has been read up to its high watermark."""
@@ -122,8 +145,8 @@ def build_app(
             for kind, topic in topic_of_kind.items():
                 tp = TP(topic, part)
                 hw = consumer.highwater(tp)
-                dq = held.get((kind, part))
-                pos = dq[-1][0] + 1 if dq else consumer._committed_offset.get(tp)
+                seen = last_seen.get((kind, part))
+                pos = seen + 1 if seen is not None else expected_next.get((topic, part))
                 if hw is not None and (hw == 0 or (pos is not None and pos >= hw)):
                     idle.add(kind)
             state.set_idle(part, idle)
@@ -135,8 +158,13 @@ def build_app(
             touched = set()
             for event in batch:
                 msg = event.message
+                key = (msg.topic, msg.partition)
+                exp = expected_next.get(key, -1)
+                if exp == -1 or (exp is not None and msg.offset != exp):
+                    continue  # not ours any more, or a stale copy from before the seek
+                expected_next[key] = msg.offset + 1
                 kind = kind_of_topic[msg.topic]
-                held[(kind, msg.partition)].append((msg.offset, event))
+                last_seen[(kind, msg.partition)] = msg.offset
                 metrics.records_in.labels(worker, msg.topic).inc()
                 if msg.timestamp:
                     metrics.processing_latency.labels(worker).observe(max(0.0, now - msg.timestamp))
@@ -168,21 +196,35 @@ def build_app(
         try:
             for tp in app.consumer.assignment():
                 hw = app.consumer.highwater(tp)
-                dq = held.get((kind_of_topic.get(tp.topic, ""), tp.partition))
-                pos = (dq[-1][0] + 1) if dq else None
+                seen = last_seen.get((kind_of_topic.get(tp.topic, ""), tp.partition))
+                pos = seen + 1 if seen is not None else None
                 if hw is not None and pos is not None:
                     metrics.consumer_lag.labels(worker, tp.topic, str(tp.partition)).set(max(0, hw - pos))
         except Exception:  # lag is best effort; never let it stop the worker
             pass
 
-    @app.on_partitions_revoked.connect
-    async def on_revoked(app_, revoked=(), **kwargs):
-        parts = {tp.partition for tp in revoked}
-        if parts:
-            log.info("partitions revoked: %s (state dropped; the new owner rebuilds it)", sorted(parts))
-        state.revoke(parts)
-        for key in [k for k in held if k[1] in parts]:
-            del held[key]
+    # next offset to process per topic-partition; records off this sequence are ignored (not
+    # processed, not acknowledged): they are stale copies fetched before a rebalance's seek.
+    expected_next: dict[tuple[str, int], int | None] = {}
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app_, assigned=(), **kwargs):
+        # Every rebalance rebuilds the join state from the committed offsets, exactly like a
+        # restart: drop it, seek every assigned partition back to its committed offset, and
+        # process each partition strictly in offset order from there.
+        gen["n"] += 1
+        state.revoke(list(state.partitions))
+        last_seen.clear()
+        committed.clear()
+        seeked = await app.consumer.seek_to_committed()
+        expected_next.clear()
+        for tp in assigned:
+            if tp.topic in kind_of_topic:
+                off = seeked.get(tp)
+                # nothing committed yet: accept the first record delivered (the log start)
+                expected_next[(tp.topic, tp.partition)] = off if off is not None and off >= 0 else None
+        log.info("assigned partitions %s; state rebuilt from committed offsets",
+                 sorted({tp.partition for tp in assigned if tp.topic in kind_of_topic}))
 
     app.join_state = state  # for introspection in tests
     return app

@@ -1,0 +1,38 @@
+# adstream: `make demo` runs the main job, `make test` runs the whole suite. Both set up .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/pip --disable-pip-version-check
+
+.PHONY: all install demo test test-fast bench lint clean
+
+all: install
+
+$(STAMP): requirements/base.txt requirements/constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install -q -U pip
+	$(PIP) install -c requirements/constraints.txt -r requirements/base.txt
+	# torchrec's metadata asks for the CUDA fbgemm-gpu; its real deps are in base.txt
+	$(PIP) install --no-deps -c requirements/constraints.txt torchrec
+	$(PIP) install --no-deps -e .
+	$(BIN)/python -c "import torch, fbgemm_gpu, torchrec, faust, feast, kafka, confluent_kafka" 
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/adstream demo
+
+test: install
+	$(BIN)/adstream broker fetch
+	$(BIN)/python -m pytest -q --timeout=900 tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: install
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf .adstream .pytest_cache bench/results

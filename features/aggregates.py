@@ -1,0 +1,251 @@
+"""Streaming per-entity aggregates: counts, event-time decayed counts, recency.
+
+Pure logic (no Feast, no Kafka, no clock): impressions and clicks go in, feature rows come out.
+
+Entities and join keys
+    ``user/user_id``, ``ad/ad_id``, ``creative/creative_id``, ``query/query``, ``bidword/bidword``,
+    ``category/category``. An empty key means "unknown" and that entity is skipped. Besides the
+    per-key rows, every entity type keeps one *field row* under the reserved key ``__all__`` that
+    aggregates every event of that type; its decayed CTR is the prior mean of the smoothed CTR.
+
+Decay (event time, order-robust)
+    Each row keeps ``t_ref`` = the newest event time folded into it. For half-life ``h`` the decayed
+    impressions are ``D_imp(h) = sum_e 2 ** (-(t_ref - t_e) / h)`` over the row's impressions (and
+    ``D_clk(h)`` likewise over its clicks), i.e. the values are *valued at the row's newest event
+    time*. A newer event rescales the sums by ``2 ** (-(t_new - t_ref) / h)`` and adds 1; an older
+    event adds its own ``2 ** (-(t_ref - t_e) / h)``; time never moves backwards. The result depends
+    only on the set of events, not on their arrival order (up to float rounding).
+
+Smoothed CTR (computed when reading, see :func:`smoothed_ctr`)
+    ``ctr(h) = (D_clk(h) + k * p0(h)) / (D_imp(h) + k)`` with ``k = ctr_prior_strength``
+    pseudo-impressions and ``p0(h) = D_clk(h) / D_imp(h)`` of the entity type's field row (0 when it
+    has no impressions). Computing it at read time keeps the stored rows a pure function of their
+    own events, so replays and restarts reproduce them exactly.
+
+Recency
+    ``last_impression_time`` / ``last_click_time`` (epoch seconds, 0 = never) and their ages at the
+    row's newest event time, ``imp_age_s`` / ``click_age_s`` (-1 = never).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+from core.events import Click, Impression
+
+ENTITY_TYPES: tuple[str, ...] = ("user", "ad", "creative", "query", "bidword", "category")
+JOIN_KEYS: dict[str, str] = {
+    "user": "user_id",
+    "ad": "ad_id",
+    "creative": "creative_id",
+    "query": "query",
+    "bidword": "bidword",
+    "category": "category",
+}
+FIELD_KEY = "__all__"
+_LN2 = math.log(2.0)
+
+
+def half_life_tag(seconds: float) -> str:
+    """A short column suffix for a half-life: 3600 -> '1h', 86400 -> '1d', 90 -> '90s'."""
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and float(seconds / size).is_integer():
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s".replace(".", "p")
+
+
+def feature_schema(half_lives: Iterable[float]) -> list[tuple[str, str]]:
+    """The stored feature columns (name, kind) with kind ``int`` or ``float``; same order as rows."""
+    cols: list[tuple[str, str]] = [("impressions", "int"), ("clicks", "int")]
+    tags = [half_life_tag(h) for h in half_lives]
+    cols += [(f"imp_{t}", "float") for t in tags]
+    cols += [(f"clk_{t}", "float") for t in tags]
+    cols += [
+        ("last_impression_time", "float"),
+        ("last_click_time", "float"),
+        ("imp_age_s", "float"),
+        ("click_age_s", "float"),
+        ("event_time", "float"),
+    ]
+    return cols
+
+
+def ctr_columns(half_lives: Iterable[float]) -> list[str]:
+    return [f"ctr_{half_life_tag(h)}" for h in half_lives]
+
+
+def smoothed_ctr(dec_clicks: float, dec_imps: float, prior_mean: float, strength: float) -> float:
+    """``(clicks + strength * prior_mean) / (impressions + strength)``; the prior when both are 0."""
+    den = dec_imps + strength
+    if den <= 0:
+        return prior_mean
+    return (dec_clicks + strength * prior_mean) / den
+
+
+def prior_mean(field_dec_clicks: float, field_dec_imps: float) -> float:
+    """The field mean CTR used as the prior (0 before the first impression)."""
+    return field_dec_clicks / field_dec_imps if field_dec_imps > 0 else 0.0
+
+
+class _Row:
+    __slots__ = ("impressions", "clicks", "t_ref", "dimp", "dclk", "last_imp", "last_clk")
+
+    def __init__(self, n: int) -> None:
+        self.impressions = 0
+        self.clicks = 0
+        self.t_ref = -math.inf
+        self.dimp = [0.0] * n
+        self.dclk = [0.0] * n
+        self.last_imp = 0.0
+        self.last_clk = 0.0
+
+    def to_list(self) -> list[Any]:
+        return [self.impressions, self.clicks, self.t_ref, list(self.dimp), list(self.dclk),
+                self.last_imp, self.last_clk]
+
+    @classmethod
+    def from_list(cls, data: list[Any]) -> "_Row":
+        r = cls(len(data[3]))
+        (r.impressions, r.clicks, r.t_ref, dimp, dclk, r.last_imp, r.last_clk) = data
+        r.dimp, r.dclk = list(dimp), list(dclk)
+        return r
+
+
+class AggregateState:
+    """Per-(entity type, key) aggregates with a dirty set for incremental pushes."""
+
+    def __init__(self, half_lives_s: Iterable[float]) -> None:
+        self.half_lives = [float(h) for h in half_lives_s]
+        if not self.half_lives or any(h <= 0 for h in self.half_lives):
+            raise ValueError("half_lives_s must be a non-empty list of positive seconds")
+        self._rates = [_LN2 / h for h in self.half_lives]
+        self.rows: dict[str, dict[str, _Row]] = {e: {} for e in ENTITY_TYPES}
+        self.dirty: dict[str, set[str]] = {e: set() for e in ENTITY_TYPES}
+        self.events_applied = 0
+
+    # ---- folding -------------------------------------------------------------------------------
+    def apply_impression(self, imp: Impression) -> None:
+        self._apply(imp.event_time, False, (imp.user_id, imp.ad_id, imp.creative_id, imp.query,
+                                            imp.bidword, imp.category))
+
+    def apply_click(self, click: Click) -> None:
+        self._apply(click.event_time, True, (click.user_id, click.ad_id, click.creative_id,
+                                             click.query, click.bidword, click.category))
+
+    def _apply(self, t: float, click: bool, keys: tuple[str, ...]) -> None:
+        self.events_applied += 1
+        for etype, key in zip(ENTITY_TYPES, keys):
+            if not key:
+                continue
+            rows, dirty = self.rows[etype], self.dirty[etype]
+            for k in (key, FIELD_KEY):
+                row = rows.get(k)
+                if row is None:
+                    row = rows[k] = _Row(len(self._rates))
+                self._fold(row, t, click)
+                dirty.add(k)
+
+    def _fold(self, row: _Row, t: float, click: bool) -> None:
+        rates = self._rates
+        if t > row.t_ref:
+            if row.t_ref != -math.inf:
+                dt = t - row.t_ref
+                for i, r in enumerate(rates):
+                    f = math.exp(-r * dt)
+                    row.dimp[i] *= f
+                    row.dclk[i] *= f
+            row.t_ref = t
+            weights = [1.0] * len(rates)
+        else:  # older (or equal) event: decay its contribution back to the row's newest time
+            dt = row.t_ref - t
+            weights = [math.exp(-r * dt) for r in rates]
+        if click:
+            row.clicks += 1
+            for i, w in enumerate(weights):
+                row.dclk[i] += w
+            if t > row.last_clk:
+                row.last_clk = t
+        else:
+            row.impressions += 1
+            for i, w in enumerate(weights):
+                row.dimp[i] += w
+            if t > row.last_imp:
+                row.last_imp = t
+
+    # ---- output ---------------------------------------------------------------------------------
+    def row_values(self, etype: str, key: str) -> dict[str, Any] | None:
+        row = self.rows[etype].get(key)
+        if row is None:
+            return None
+        names = [n for n, _ in feature_schema(self.half_lives)]
+        return dict(zip(names, self._values(row)))
+
+    def _values(self, row: _Row) -> list[Any]:
+        t = row.t_ref
+        return [
+            row.impressions,
+            row.clicks,
+            *row.dimp,
+            *row.dclk,
+            row.last_imp,
+            row.last_clk,
+            t - row.last_imp if row.impressions else -1.0,
+            t - row.last_clk if row.clicks else -1.0,
+            t,
+        ]
+
+    def has_dirty(self) -> bool:
+        return any(self.dirty.values())
+
+    def dirty_count(self) -> int:
+        return sum(len(d) for d in self.dirty.values())
+
+    def dirty_rows(self, clear: bool = True) -> dict[str, dict[str, list[Any]]]:
+        """Column lists per entity type for the rows changed since the last call (sorted by key):
+        ``{etype: {join_key: [...], "impressions": [...], ..., "event_time": [...]}}``."""
+        schema = [n for n, _ in feature_schema(self.half_lives)]
+        out: dict[str, dict[str, list[Any]]] = {}
+        for etype in ENTITY_TYPES:
+            keys = sorted(self.dirty[etype])
+            if not keys:
+                continue
+            rows = self.rows[etype]
+            cols: dict[str, list[Any]] = {JOIN_KEYS[etype]: keys}
+            columns = list(zip(*(self._values(rows[k]) for k in keys)))
+            for name, values in zip(schema, columns):
+                cols[name] = list(values)
+            out[etype] = cols
+            if clear:
+                self.dirty[etype].clear()
+        return out
+
+    def all_rows(self) -> dict[str, dict[str, list[Any]]]:
+        """Every row as in :meth:`dirty_rows` (does not touch the dirty set)."""
+        saved = {e: set(d) for e, d in self.dirty.items()}
+        self.dirty = {e: set(self.rows[e]) for e in ENTITY_TYPES}
+        try:
+            return self.dirty_rows(clear=True)
+        finally:
+            self.dirty = saved
+
+    # ---- checkpointing --------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """Plain data (lists, dicts, floats) that :meth:`restore` turns back into this state.
+        The dirty set is included so a restored worker re-pushes what was not yet pushed."""
+        return {
+            "half_lives": list(self.half_lives),
+            "events_applied": self.events_applied,
+            "rows": {e: {k: r.to_list() for k, r in rows.items()} for e, rows in self.rows.items()},
+            "dirty": {e: sorted(d) for e, d in self.dirty.items()},
+        }
+
+    @classmethod
+    def restore(cls, snap: dict[str, Any]) -> "AggregateState":
+        state = cls(snap["half_lives"])
+        state.events_applied = int(snap.get("events_applied", 0))
+        for etype, rows in snap["rows"].items():
+            state.rows[etype] = {k: _Row.from_list(v) for k, v in rows.items()}
+        for etype, keys in snap.get("dirty", {}).items():
+            state.dirty[etype] = set(keys)
+        return state

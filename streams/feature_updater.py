@@ -1,0 +1,420 @@
+"""The feature updater: impressions + clicks from Kafka -> streaming aggregates -> Feast.
+
+One process owns every partition of the impressions and clicks topics (explicit ``assign()``, no
+group rebalancing). Scaling out needs the input repartitioned by entity key first (each entity
+type's rows would then live in exactly one worker); that is future work.
+
+Loop
+    consume -> ``core.events.decode`` (bad record -> dead-letter topic with the reason, counted,
+    never a crash) -> :class:`features.aggregates.AggregateState` -> every
+    ``features.flush_interval_s`` the dirty rows are pushed to the online store, one write per entity
+    type.
+
+Crash safety
+    After a successful push, at most every ``checkpoint_every_s``, the history rows pushed since the
+    last checkpoint are written as ``part-<seq>`` parquet files, the dead-letter producer is flushed,
+    and ONE file holding the aggregate state, the next offset of every topic-partition and ``seq`` is
+    written atomically (tmp + fsync + ``os.replace``) under ``features.checkpoint_dir``. On start the
+    checkpoint is restored and each partition is assigned at its checkpointed offset (the beginning
+    when there is none), so after a ``kill -9`` anywhere the same records are folded into the same
+    state exactly once more; re-pushes write the same rows (idempotent) and ``part-<seq>`` files are
+    replaced, not duplicated. Offsets are also committed to the consumer group, for lag monitoring
+    only: the checkpoint, not the group, decides where reading resumes.
+
+Metrics (``core.metrics.WorkerMetrics``, ``/metrics`` on 127.0.0.1)
+    records in per topic, dead letters per reason, features written per view, freshness (push done
+    - Kafka append time of each event), processing latency (folded - append time), consumer lag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from core.errors import AdstreamError, ConfigError, InvalidRecord
+from core.events import Click, Impression, dead_letter_record, decode
+from core.metrics import WorkerMetrics
+from core.settings import Settings, load_settings
+from features.aggregates import AggregateState
+from features.repo import view_name
+from features.store import FeatureStoreClient
+from streams.broker import resolve_bootstrap
+from streams.kafka_io import CountingProducer, make_producer
+
+log = logging.getLogger(__name__)
+
+WORKER = "feature_updater"
+GROUP_ID = "adstream-feature-updater"
+CHECKPOINT_FILE = "checkpoint.pkl"
+CHECKPOINT_VERSION = 1
+DEFAULT_CHECKPOINT_EVERY_S = 5.0
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def save_checkpoint(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` atomically: a reader sees the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f)
+    except Exception as e:
+        raise ConfigError(f"checkpoint {path} cannot be read ({e}); move it away to rebuild the "
+                          "features from the beginning of the topics") from e
+    if not isinstance(data, dict) or data.get("version") != CHECKPOINT_VERSION:
+        raise ConfigError(f"checkpoint {path} has an unknown format")
+    return data
+
+
+# --------------------------------------------------------------------------- worker
+
+
+@dataclass
+class FlushStats:
+    rows: int
+    push_s: float
+    freshness_s: list[float]
+    written: dict[str, int] = field(default_factory=dict)
+
+
+class FeatureUpdater:
+    """See the module docstring. Use :meth:`run` (blocking) from a thread or a process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: WorkerMetrics | None = None,
+        client: FeatureStoreClient | None = None,
+        checkpoint_every_s: float = DEFAULT_CHECKPOINT_EVERY_S,
+        on_flush: Callable[[FlushStats], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.fs = settings.features
+        self.topics = settings.kafka.topics
+        self.bootstrap = resolve_bootstrap(settings)
+        self.metrics = metrics or WorkerMetrics(WORKER)
+        self.client = client or FeatureStoreClient(settings.features)
+        self.checkpoint_every_s = max(checkpoint_every_s, 0.0)
+        self.on_flush = on_flush
+        self.ckpt_path = Path(self.fs.checkpoint_dir) / CHECKPOINT_FILE
+        self.expected = {self.topics.impressions: Impression, self.topics.clicks: Click}
+        self.state = AggregateState(self.fs.half_lives_s)
+        self.offsets: dict[tuple[str, int], int] = {}  # next offset to read per topic-partition
+        self.seq = 0
+        self._pending_append_ts: list[float] = []
+        self._history: dict[str, dict[str, list[Any]]] = {}
+        self._dl_producer: CountingProducer | None = None
+        self._consumer: Consumer | None = None
+        self.records = 0
+        self.dead = 0
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def _restore(self) -> None:
+        data = load_checkpoint(self.ckpt_path)
+        if data is None:
+            log.info("no checkpoint in %s: reading the topics from the beginning", self.ckpt_path.parent)
+            return
+        if [float(h) for h in data["state"]["half_lives"]] != [float(h) for h in self.fs.half_lives_s]:
+            raise ConfigError(f"checkpoint {self.ckpt_path} was made with half-lives "
+                              f"{data['state']['half_lives']}, settings say {self.fs.half_lives_s}")
+        self.state = AggregateState.restore(data["state"])
+        self.offsets = {tuple(k): v for k, v in data["offsets"]}
+        self.seq = int(data["seq"])
+        log.info("restored checkpoint #%d: %d events, offsets %s", self.seq,
+                 self.state.events_applied, sorted(self.offsets.items()))
+
+    def _assign(self, consumer: Consumer, timeout_s: float = 30.0) -> list[TopicPartition]:
+        deadline = time.monotonic() + timeout_s
+        tps: list[TopicPartition] = []
+        for topic in self.expected:
+            while True:
+                md = consumer.list_topics(topic=topic, timeout=10)
+                t = md.topics.get(topic)
+                if t is not None and t.error is None and t.partitions:
+                    break
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"topic {topic!r} does not exist on {self.bootstrap}; "
+                                      "create it with `adstream topics create`")
+                time.sleep(0.5)
+            for p in sorted(t.partitions):
+                off = self.offsets.get((topic, p), OFFSET_BEGINNING)
+                tps.append(TopicPartition(topic, p, off))
+        consumer.assign(tps)
+        return tps
+
+    def _make_consumer(self) -> Consumer:
+        k = self.settings.kafka
+        return Consumer({
+            "bootstrap.servers": self.bootstrap,
+            "group.id": GROUP_ID,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": k.session_timeout_ms,
+            "heartbeat.interval.ms": k.heartbeat_interval_ms,
+            "fetch.wait.max.ms": 50,
+            "statistics.interval.ms": 2000,  # lets get_watermark_offsets(cached=True) answer locally
+            "stats_cb": lambda _s: None,
+        })
+
+    # ---- per record ----------------------------------------------------------------------------
+    def _handle(self, msg: Any, now: float) -> None:
+        topic, part, off = msg.topic(), msg.partition(), msg.offset()
+        raw = msg.value()
+        self.offsets[(topic, part)] = off + 1
+        self.records += 1
+        self.metrics.records_in.labels(WORKER, topic).inc()
+        ts_type, ts_ms = msg.timestamp()
+        try:
+            event = decode(raw, self.expected[topic], now=now)
+        except InvalidRecord as err:
+            self._dead_letter(topic, part, off, raw, err)
+            return
+        if isinstance(event, Impression):
+            self.state.apply_impression(event)
+        else:
+            self.state.apply_click(event)  # type: ignore[arg-type]
+        if ts_type != 0 and ts_ms > 0:  # 0 = TIMESTAMP_NOT_AVAILABLE
+            t = ts_ms / 1000.0
+            self._pending_append_ts.append(t)
+            self.metrics.processing_latency.labels(WORKER).observe(max(0.0, now - t))
+
+    def _dead_letter(self, topic: str, part: int, off: int, raw: bytes | None, err: InvalidRecord) -> None:
+        self.dead += 1
+        self.metrics.dead_letters.labels(WORKER, err.reason).inc()
+        if self._dl_producer is None:
+            self._dl_producer = make_producer(self.bootstrap, linger_ms=20)
+        dl_topic = self.topics.dead_letter
+        self._dl_producer.produce(dl_topic, dead_letter_record(topic, part, off, raw, err),
+                                  key=f"{topic}:{part}:{off}")
+        self._dl_producer.poll(0)
+        self.metrics.records_out.labels(WORKER, dl_topic).inc()
+        log.debug("dead letter %s:%d:%d %s", topic, part, off, err)
+
+    # ---- flush and checkpoint ------------------------------------------------------------------
+    def flush(self) -> FlushStats | None:
+        if not self.state.has_dirty():
+            return None
+        rows = self.state.dirty_rows(clear=True)
+        t0 = time.perf_counter()
+        written = self.client.push(rows, to="online")
+        done = time.time()
+        push_s = time.perf_counter() - t0
+        fresh = [max(0.0, done - t) for t in self._pending_append_ts]
+        self._pending_append_ts = []
+        for f in fresh:
+            self.metrics.feature_freshness.observe(f)
+        for etype, n in written.items():
+            self.metrics.features_written.labels(view_name(etype)).inc(n)
+        for etype, cols in rows.items():
+            hist = self._history.setdefault(etype, {c: [] for c in cols})
+            for c, vals in cols.items():
+                hist[c].extend(vals)
+        stats = FlushStats(rows=sum(len(next(iter(c.values()))) for c in rows.values()),
+                           push_s=push_s, freshness_s=fresh, written=written)
+        if self.on_flush:
+            self.on_flush(stats)
+        return stats
+
+    def checkpoint(self) -> None:
+        """History part file, dead letters delivered, then state + offsets in one atomic write."""
+        seq = self.seq + 1
+        if self._history:
+            self.client.write_history(self._history, part=f"{seq:012d}")
+            self._history = {}
+        if self._dl_producer is not None and self._dl_producer.flush(30) > 0:
+            raise AdstreamError("dead-letter records could not be delivered; not checkpointing")
+        save_checkpoint(self.ckpt_path, {
+            "version": CHECKPOINT_VERSION,
+            "seq": seq,
+            "offsets": sorted([list(k), v] for k, v in self.offsets.items()),
+            "state": self.state.snapshot(),
+            "written_at": time.time(),
+        })
+        self.seq = seq
+        if self._consumer is not None and self.offsets:
+            tps = [TopicPartition(t, p, o) for (t, p), o in self.offsets.items()]
+            try:
+                self._consumer.commit(offsets=tps, asynchronous=True)
+            except Exception as e:  # monitoring only; the checkpoint is the source of truth
+                log.warning("offset commit failed: %s", e)
+
+    def _update_lag(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+        for tp in tps:
+            try:
+                _lo, hi = consumer.get_watermark_offsets(tp, cached=True)
+            except Exception:
+                continue
+            if hi is None or hi < 0:
+                continue
+            pos = self.offsets.get((tp.topic, tp.partition), 0)
+            self.metrics.consumer_lag.labels(WORKER, tp.topic, str(tp.partition)).set(max(0, hi - pos))
+
+    # ---- main loop -----------------------------------------------------------------------------
+    def run(self, stop_event: threading.Event | None = None, max_idle_s: float | None = None) -> dict[str, Any]:
+        """Consume until ``stop_event`` is set, or until nothing arrived for ``max_idle_s`` seconds
+        (after a final flush and checkpoint). Returns counters."""
+        stop_event = stop_event or threading.Event()
+        self._restore()
+        consumer = self._consumer = self._make_consumer()
+        try:
+            tps = self._assign(consumer)
+            log.info("feature updater on %s: %d partitions, online store %s, flush every %.2fs",
+                     self.bootstrap, len(tps), self.fs.online_store, self.fs.flush_interval_s)
+            last_msg = last_flush = last_ckpt = last_lag = time.monotonic()
+            unsaved = False  # something pushed or consumed since the last checkpoint
+            while not stop_event.is_set():
+                msgs = consumer.consume(num_messages=5000, timeout=0.05)
+                now = time.time()
+                for m in msgs:
+                    err = m.error()
+                    if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            log.warning("consumer error: %s", err)
+                        continue
+                    self._handle(m, now)
+                mono = time.monotonic()
+                if msgs:
+                    last_msg = mono
+                    unsaved = True
+                if self.state.has_dirty() and mono - last_flush >= self.fs.flush_interval_s:
+                    self.flush()
+                    last_flush = mono
+                if unsaved and not self.state.has_dirty() and mono - last_ckpt >= self.checkpoint_every_s:
+                    self.checkpoint()
+                    last_ckpt, unsaved = mono, False
+                if mono - last_lag >= 2.0:
+                    self._update_lag(consumer, tps)
+                    last_lag = mono
+                if max_idle_s is not None and mono - last_msg >= max_idle_s:
+                    log.info("idle for %.1fs: stopping", max_idle_s)
+                    break
+            self.flush()
+            if unsaved or self._history:
+                self.checkpoint()
+            self._update_lag(consumer, tps)
+        finally:
+            try:
+                consumer.close()
+            except Exception:
+                pass
+            self._consumer = None
+            if self._dl_producer is not None:
+                self._dl_producer.flush(10)
+        return {"records": self.records, "dead_letters": self.dead, "checkpoint_seq": self.seq,
+                "events_applied": self.state.events_applied}
+
+
+def run(settings: Settings, stop_event: threading.Event | None = None, max_idle_s: float | None = None,
+        metrics: WorkerMetrics | None = None, metrics_port: int | None = -1, **kw: Any) -> dict[str, Any]:
+    """Run the feature updater in this thread. ``metrics_port``: -1 = settings'
+    ``metrics.feature_updater_port``, 0 or None = no ``/metrics`` endpoint."""
+    metrics = metrics or WorkerMetrics(WORKER)
+    port = settings.metrics.feature_updater_port if metrics_port == -1 else metrics_port
+    server = metrics.serve(port, host=settings.metrics.host) if port else None
+    try:
+        return FeatureUpdater(settings, metrics=metrics, **kw).run(stop_event, max_idle_s)
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def with_overrides(settings: Settings, *, online_store: str | None = None, redis_url: str | None = None,
+                   repo_dir: str | None = None, checkpoint_dir: str | None = None,
+                   flush_interval_s: float | None = None) -> Settings:
+    """A copy of ``settings`` with the feature options given on a command line."""
+    upd = {k: v for k, v in {"online_store": online_store, "redis_url": redis_url, "repo_dir": repo_dir,
+                             "checkpoint_dir": checkpoint_dir, "flush_interval_s": flush_interval_s}.items()
+           if v is not None}
+    if not upd:
+        return settings
+    try:
+        feats = type(settings.features).model_validate({**settings.features.model_dump(), **upd})
+    except Exception as e:
+        raise ConfigError(f"invalid feature options: {e}") from None
+    return settings.model_copy(update={"features": feats})
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The worker's options (shared by ``python -m streams.feature_updater`` and the CLI)."""
+    p.add_argument("--online-store", choices=["sqlite", "redis"], help="online store (default: settings)")
+    p.add_argument("--redis-url", metavar="HOST:PORT", help="Redis for --online-store redis")
+    p.add_argument("--repo-dir", metavar="DIR", help="Feast repository directory")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="where the checkpoint file lives")
+    p.add_argument("--flush-interval", type=float, metavar="S", help="seconds between pushes")
+    p.add_argument("--checkpoint-every", type=float, default=DEFAULT_CHECKPOINT_EVERY_S, metavar="S",
+                   help="seconds between checkpoints (default %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=-1, metavar="PORT",
+                   help="/metrics port on 127.0.0.1 (default: settings; 0 = off)")
+    p.add_argument("--max-idle", type=float, metavar="S", help="exit after S seconds without records")
+
+
+def settings_for(args: argparse.Namespace, settings: Settings) -> Settings:
+    return with_overrides(settings, online_store=args.online_store, redis_url=args.redis_url,
+                          repo_dir=args.repo_dir, checkpoint_dir=args.checkpoint_dir,
+                          flush_interval_s=args.flush_interval)
+
+
+def run_from_args(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+
+    settings = settings_for(args, settings)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        out = run(settings, stop, max_idle_s=args.max_idle, metrics_port=args.metrics_port,
+                  checkpoint_every_s=args.checkpoint_every)
+    except KeyboardInterrupt:
+        return 130
+    print(f"feature updater: {out['records']} records, {out['dead_letters']} dead letters, "
+          f"checkpoint #{out['checkpoint_seq']}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m streams.feature_updater",
+                                description="Keep the Feast feature store fresh from impressions and clicks.")
+    p.add_argument("--config", metavar="FILE", help="YAML settings file (also ADSTREAM_CONFIG)")
+    p.add_argument("--bootstrap", metavar="HOST:PORT", help="Kafka bootstrap servers")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        over = {"kafka": {"bootstrap": args.bootstrap}} if args.bootstrap else {}
+        return run_from_args(args, load_settings(args.config, **over))
+    except AdstreamError as e:
+        print(f"feature updater: error: {e}", flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""Reusable helpers for tests that run real servers on 127.0.0.1 (Kafka, Redis).
+
+Every server binds to 127.0.0.1 on a free port and lives in a temporary directory; each is stopped by
+its own pid.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from streams.broker import free_port, port_open
+
+__all__ = ["free_port", "port_open", "wait_for", "ExternalBroker", "RedisServer", "RedisUnavailable"]
+
+
+def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.1, what: str = "condition"):
+    """Poll ``predicate()`` until it returns something truthy; return it, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        v = predicate()
+        if v:
+            return v
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what} not reached within {timeout_s:.0f}s")
+
+
+@dataclass
+class ExternalBroker:
+    """A cluster the tests did not start (``ADSTREAM_TEST_BOOTSTRAP``); it is never stopped."""
+
+    bootstrap: str
+    kind: str = "external"
+    data_dir: Path | None = None
+
+
+class RedisUnavailable(RuntimeError):
+    """The ``redis-server`` binary is not installed."""
+
+
+class RedisServer:
+    """Debian's ``redis-server`` on 127.0.0.1, a free port, no persistence, in ``work_dir``."""
+
+    def __init__(self, work_dir: str | Path, port: int | None = None, binary: str | None = None) -> None:
+        found = binary or shutil.which("redis-server")
+        if not found:
+            raise RedisUnavailable(
+                "redis-server is not installed; install it with "
+                "`apt-get install -y --no-install-recommends redis-server`")
+        self.binary: str = found
+        self.work_dir = Path(work_dir)
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        """``host:port``, the form ``FeatureSettings.redis_url`` uses."""
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 15.0) -> RedisServer:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.work_dir / "redis.log", "ab")
+        self._proc = subprocess.Popen(
+            [self.binary, "--bind", self.host, "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--dir", str(self.work_dir), "--protected-mode", "yes", "--daemonize", "no"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.work_dir)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited ({self._proc.returncode}): "
+                                   + (self.work_dir / "redis.log").read_text(errors="replace")[-2000:])
+            if self.ping():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server on {self.address} did not answer PING within {timeout_s:.0f}s")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(5)
+        self._proc = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,216 @@
+"""The faust joiner against a real Kafka broker: end to end, crashes, bad input, scale-out.
+
+Expected examples are computed here directly from the generated events (impression → clicked iff a
+click of the same request and ad lies within the attribution window), not by the join code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core.events import Click, Conversion, Impression
+from streams.kafka_io import create_topics, make_producer, produce_json, read_topic
+from streams.replay import replay
+from streams.sources import synthetic_events
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+WINDOW, LATENESS = 60.0, 5.0
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def world_slice(seed=11, duration=240.0, rps=4.0):
+    start = time.time() - 3600.0
+    return list(synthetic_events(seed=seed, duration_s=duration, rps=rps, drift="none", start_time=start))
+
+
+def expected_examples(events, window=WINDOW):
+    imps = {(e.request_id, e.ad_id): e for e in events if isinstance(e, Impression)}
+    clicked, converted = {}, {}
+    for e in events:
+        if isinstance(e, (Click, Conversion)):
+            imp = imps.get((e.request_id, e.ad_id))
+            if imp is not None and 0 <= e.event_time - imp.event_time <= window:
+                (clicked if isinstance(e, Click) else converted)[(e.request_id, e.ad_id)] = 1
+    return {f"{r}:{a}": (clicked.get((r, a), 0), converted.get((r, a), 0)) for (r, a) in imps}
+
+
+def setup_topics(bootstrap, topic_names, partitions=6):
+    create_topics(bootstrap, topic_names.all(), partitions)
+
+
+def start_joiner(bootstrap, prefix, app_id, log_path, idle_flush=3.0):
+    cmd = [sys.executable, "-m", "streams.joiner", "--bootstrap", bootstrap, "--topic-prefix", prefix,
+           "--app-id", app_id, "--window", str(WINDOW), "--lateness", str(LATENESS)]
+    if idle_flush is not None:
+        cmd += ["--idle-flush", str(idle_flush)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+
+
+def stop(proc, sig=signal.SIGTERM, timeout=30):
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def collect_examples(bootstrap, topic, want_keys, timeout=120.0):
+    """Read the examples topic until every wanted key is there (or time out). Returns
+    (key -> list of distinct contents, total records)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        recs = read_topic(bootstrap, topic, timeout_s=30, idle_s=0.3)
+        by_key: dict[str, set] = {}
+        for k, v, *_ in recs:
+            by_key.setdefault(k.decode(), set()).add(v)
+        if want_keys <= by_key.keys() or time.monotonic() > deadline:
+            return by_key, len(recs)
+        time.sleep(1.0)
+
+
+def labels(by_key):
+    out = {}
+    for k, vals in by_key.items():
+        assert len(vals) == 1, f"key {k} has {len(vals)} different contents"
+        d = json.loads(next(iter(vals)))
+        out[k] = (d["clicked"], d["converted"])
+    return out
+
+
+def test_end_to_end_every_example_exactly_once_in_effect(bootstrap, topic_names, unique_topic_prefix, tmp_path):
+    events = world_slice()
+    exp = expected_examples(events)
+    assert sum(c for c, _ in exp.values()) > 20, "the slice must contain clicks"
+    setup_topics(bootstrap, topic_names)
+    replay(events, bootstrap, topic_names, progress=False)
+    j = start_joiner(bootstrap, unique_topic_prefix, unique_topic_prefix + "joiner", tmp_path / "j.log")
+    try:
+        by_key, n = collect_examples(bootstrap, topic_names.examples, set(exp))
+    finally:
+        stop(j)
+    assert set(by_key) == set(exp), f"missing {len(set(exp) - set(by_key))}, extra {len(set(by_key) - set(exp))}"
+    assert labels(by_key) == exp
+    dead = read_topic(bootstrap, topic_names.dead_letter, timeout_s=10)
+    reasons = {json.loads(v)["reason"] for _, v, *_ in dead}
+    assert not reasons & {"late", "malformed_json", "missing_field", "wrong_type"}, reasons
+
+
+def test_kill_9_mid_stream_and_restart_gives_same_examples(bootstrap, topic_names, unique_topic_prefix, tmp_path):
+    events = world_slice(seed=12, duration=300.0, rps=5.0)
+    exp = expected_examples(events)
+    setup_topics(bootstrap, topic_names)
+    app_id = unique_topic_prefix + "joiner"
+    log = tmp_path / "j.log"
+    half = len(events) // 2
+    replay(events[:half], bootstrap, topic_names, progress=False)
+    j = start_joiner(bootstrap, unique_topic_prefix, app_id, log, idle_flush=None)
+    # wait until it emitted something and committed, then kill -9 in the middle of the stream
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(read_topic(bootstrap, topic_names.examples, 10, 0.2)) < 50:
+        time.sleep(0.5)
+    time.sleep(1.5)
+    j.send_signal(signal.SIGKILL)
+    j.wait(10)
+    replay(events[half:], bootstrap, topic_names, progress=False)
+    j = start_joiner(bootstrap, unique_topic_prefix, app_id, log)
+    time.sleep(8)
+    j.send_signal(signal.SIGKILL)  # a second crash, possibly mid-batch
+    j.wait(10)
+    j = start_joiner(bootstrap, unique_topic_prefix, app_id, log)
+    try:
+        by_key, n = collect_examples(bootstrap, topic_names.examples, set(exp))
+    finally:
+        stop(j)
+    assert set(by_key) == set(exp), f"missing {len(set(exp) - set(by_key))}"
+    assert labels(by_key) == exp
+    assert n >= len(exp)  # duplicates are allowed, and harmless: same key, same content
+
+
+def test_bad_input_goes_to_dead_letter_and_the_rest_is_unaffected(bootstrap, topic_names, unique_topic_prefix, tmp_path):
+    events = world_slice(seed=13, duration=120.0, rps=3.0)
+    exp = expected_examples(events)
+    setup_topics(bootstrap, topic_names)
+    p = make_producer(bootstrap)
+    now = time.time()
+    good_click = {"v": 1, "type": "click", "request_id": "zz", "event_time": now - 3000, "ad_id": "a", "user_id": "u"}
+    bad = {
+        "malformed_json": b"{not json",
+        "wrong_type": json.dumps({**good_click, "event_time": "yesterday"}).encode(),
+        "missing_field": json.dumps({k: v for k, v in good_click.items() if k != "ad_id"}).encode(),
+        "unknown_schema_version": json.dumps({**good_click, "v": 99}).encode(),
+        "oversized": json.dumps({**good_click, "query": "x" * 100_000}).encode(),
+        "clock_skew": json.dumps({**good_click, "event_time": now + 86400 * 30}).encode(),
+        "orphan_click": json.dumps({**good_click, "request_id": "no-such-request"}).encode(),
+    }
+    for reason, raw in bad.items():
+        produce_json(p, topic_names.clicks, reason.encode(), raw)
+    p.flush(30)
+    replay(events, bootstrap, topic_names, progress=False)
+    j = start_joiner(bootstrap, unique_topic_prefix, unique_topic_prefix + "joiner", tmp_path / "j.log")
+    try:
+        by_key, _ = collect_examples(bootstrap, topic_names.examples, set(exp))
+        deadline = time.monotonic() + 60
+        while True:
+            dead = [json.loads(v) for _, v, *_ in read_topic(bootstrap, topic_names.dead_letter, 10, 0.3)]
+            got = {d["reason"] for d in dead}
+            if set(bad) <= got or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert j.poll() is None, "the worker must survive bad records"
+    finally:
+        stop(j)
+    assert set(bad) <= got, f"missing reasons: {set(bad) - got}"
+    for d in dead:
+        assert d["topic"] == topic_names.clicks and d["detail"]
+    assert labels(by_key) == exp
+
+
+@pytest.mark.xfail(
+    reason="known bug: after a consumer-group rebalance with records in flight some open windows "
+    "are lost (see docs/streams.md, 'Known issues'); single-worker crash/restart is exact",
+    strict=False)
+@pytest.mark.parametrize("leave", [False, True])
+def test_two_workers_split_partitions_and_one_leaving_loses_nothing(bootstrap, topic_names, unique_topic_prefix, tmp_path, leave):
+    events = world_slice(seed=14, duration=300.0, rps=5.0)
+    exp = expected_examples(events)
+    setup_topics(bootstrap, topic_names)
+    app_id = unique_topic_prefix + "joiner"
+    a = start_joiner(bootstrap, unique_topic_prefix, app_id, tmp_path / "a.log", idle_flush=None)
+    b = start_joiner(bootstrap, unique_topic_prefix, app_id, tmp_path / "b.log", idle_flush=None)
+    try:
+        time.sleep(10)  # both in the group
+        half = len(events) // 2
+        replay(events[:half], bootstrap, topic_names, progress=False)
+        time.sleep(4)
+        if leave:
+            stop(b)  # a worker leaves mid-stream: its partitions go to the other one
+        replay(events[half:], bootstrap, topic_names, progress=False)
+        time.sleep(4)
+        stop(a)
+        stop(b)
+        # the survivor's open windows are closed by a final worker with idle flush
+        c = start_joiner(bootstrap, unique_topic_prefix, app_id, tmp_path / "c.log")
+        by_key, _ = collect_examples(bootstrap, topic_names.examples, set(exp))
+        stop(c)
+        dead = [json.loads(v) for _, v, *_ in read_topic(bootstrap, topic_names.dead_letter, 10, 0.3)]
+    finally:
+        for p in (a, b):
+            stop(p, signal.SIGKILL)
+    assert set(by_key) == set(exp), (
+        f"missing {len(set(exp) - set(by_key))}; dead letters: {[(d['reason'], d['detail']) for d in dead][:10]}"
+    )
+    assert labels(by_key) == exp
+    logs = (tmp_path / "a.log").read_bytes() + (tmp_path / "b.log").read_bytes()
+    assert b"assigned" in logs.lower()
