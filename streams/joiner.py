@@ -46,10 +46,12 @@ def build_app(
 
     topics = settings.kafka.topics
     metrics = metrics or WorkerMetrics("joiner")
+    (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
     app = faust.App(
         app_id,
         broker=f"kafka://{bootstrap}",
         store="memory://",
+        datadir=str(settings.state_dir / "faust" / app_id),
         topic_partitions=settings.kafka.partitions,
         topic_replication_factor=settings.kafka.replication_factor,
         broker_session_timeout=settings.kafka.session_timeout_ms / 1000.0,
