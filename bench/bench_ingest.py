@@ -1,0 +1,120 @@
+"""Ingest benchmark: events/s through the joiner and the feature updater, side by side with the raw
+consume rate of the fastest Python Kafka client (confluent-kafka) on the same topics, in one run.
+
+    python bench/bench_ingest.py --events 60000 --out bench/results/ingest.json
+
+Starts its own embedded broker, produces a synthetic backlog once, then measures (each on the same
+backlog): raw confluent-kafka consume of impressions+clicks+conversions, the faust joiner draining
+it (time to the last example), and the feature updater draining it (until idle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def raw_consume(bootstrap: str, topics: list[str], total: int) -> float:
+    from confluent_kafka import Consumer
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-raw-{time.time()}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                  "session.timeout.ms": 6000})
+    c.subscribe(topics)
+    n, t0 = 0, None
+    deadline = time.monotonic() + 120
+    while n < total and time.monotonic() < deadline:
+        for m in c.consume(10_000, 0.5):
+            if m.error():
+                continue
+            if t0 is None:
+                t0 = time.perf_counter()
+            n += 1
+    dt = time.perf_counter() - (t0 or time.perf_counter())
+    c.close()
+    return n / dt if dt > 0 else 0.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=60_000, help="approximate number of events in the backlog")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ingest.json"))
+    a = ap.parse_args()
+
+    from core.events import Impression
+    from core.settings import BrokerSettings, TopicNames
+    from streams.broker import EmbeddedBroker, free_port
+    from streams.kafka_io import create_topics, read_topic
+    from streams.replay import replay
+    from streams.sources import synthetic_events
+
+    tmp = Path(tempfile.mkdtemp(prefix="adstream-bench-"))
+    broker = EmbeddedBroker(BrokerSettings(kind="kafka"), data_dir=tmp / "broker", port=0)
+    broker.start()
+    try:
+        b = broker.bootstrap
+        topics = TopicNames()
+        create_topics(b, topics.all(), 6)
+        rps = 20.0
+        duration = a.events / (rps * 4.2)
+        events = list(synthetic_events(seed=3, duration_s=duration, rps=rps, drift="none",
+                                       start_time=time.time() - duration - 600))
+        n_imp = sum(isinstance(e, Impression) for e in events)
+        replay(events, b, topics, progress=False)
+        inputs = [topics.impressions, topics.clicks, topics.conversions]
+        n_in = sum(1 for e in events if type(e).__name__ in ("Impression", "Click", "Conversion"))
+        raw = raw_consume(b, inputs, n_in)
+
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        t0 = time.perf_counter()
+        j = subprocess.Popen([sys.executable, "-m", "streams.joiner", "--bootstrap", b, "--window", "60",
+                              "--lateness", "5", "--idle-flush", "2", "--app-id", "bench-joiner"],
+                             env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        first = None
+        while time.perf_counter() - t0 < 600:
+            got = len(read_topic(b, topics.examples, 30, 0.2))
+            if got and first is None:
+                first = time.perf_counter()
+            if got >= n_imp:
+                break
+            time.sleep(0.5)
+        joiner_s = time.perf_counter() - (first or t0) - 2.0  # minus the idle flush wait
+        j.terminate()
+        j.wait(30)
+
+        t1 = time.perf_counter()
+        f = subprocess.run([sys.executable, "-m", "streams.feature_updater", "--bootstrap", b,
+                            "--repo-dir", str(tmp / "repo"), "--checkpoint-dir", str(tmp / "ckpt"),
+                            "--metrics-port", "0", "--max-idle", "3"],
+                           env=env, cwd=tmp, capture_output=True, timeout=900)
+        updater_s = time.perf_counter() - t1 - 3.0
+        res = {
+            "events": n_in,
+            "impressions": n_imp,
+            "raw_consume_events_per_s": round(raw),
+            "joiner_events_per_s": round(n_in / max(joiner_s, 1e-6)),
+            "feature_updater_events_per_s": round(n_in / max(updater_s, 1e-6)),
+            "joiner_vs_raw": round(n_in / max(joiner_s, 1e-6) / raw, 3) if raw else None,
+            "note": "joiner time from its first example to the last (start-up excluded); updater time "
+                    "includes start-up (Feast apply) minus the idle wait",
+            "updater_rc": f.returncode,
+        }
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2))
+    finally:
+        broker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
