@@ -22,6 +22,10 @@ def client(request, tmp_path):
 
     if request.param == "redis":
         redis = request.getfixturevalue("redis_server")
+        import redis as redis_py
+
+        host, port = redis.address.rsplit(":", 1)
+        redis_py.Redis(host=host, port=int(port)).flushall()  # shared server: start from empty
         settings = FeatureSettings(repo_dir=tmp_path / "repo", online_store="redis",
                                    redis_url=redis.address, half_lives_s=HL)
     else:

@@ -126,10 +126,19 @@ def make_settings(bootstrap, topic_names, tmp_path, online_store="sqlite", redis
     )
 
 
+def _flush(address: str) -> None:
+    import redis
+
+    host, port = address.rsplit(":", 1)
+    redis.Redis(host=host, port=int(port)).flushall()
+
+
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def online_store(request):
     if request.param == "redis":
-        return "redis", request.getfixturevalue("redis_server").address
+        server = request.getfixturevalue("redis_server")
+        _flush(server.address)  # the Redis server is shared by the session: start from empty
+        return "redis", server.address
     return "sqlite", "127.0.0.1:6379"
 
 
