@@ -24,6 +24,16 @@ MAX_RECORD_BYTES = 64 * 1024
 MAX_FUTURE_S = 300.0
 MAX_PAST_S = 20 * 365 * 86400.0
 
+# entity type -> the event field holding its id; the feature store's join keys use the same names
+ENTITY_KEYS: dict[str, str] = {
+    "user": "user_id",
+    "ad": "ad_id",
+    "creative": "creative_id",
+    "query": "query",
+    "bidword": "bidword",
+    "category": "category",
+}
+
 _NUM = (int, float)
 
 

@@ -32,17 +32,10 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-from core.events import Click, Impression
+from core.events import ENTITY_KEYS, Click, Impression
 
-ENTITY_TYPES: tuple[str, ...] = ("user", "ad", "creative", "query", "bidword", "category")
-JOIN_KEYS: dict[str, str] = {
-    "user": "user_id",
-    "ad": "ad_id",
-    "creative": "creative_id",
-    "query": "query",
-    "bidword": "bidword",
-    "category": "category",
-}
+ENTITY_TYPES: tuple[str, ...] = tuple(ENTITY_KEYS)
+JOIN_KEYS: dict[str, str] = ENTITY_KEYS
 FIELD_KEY = "__all__"
 _LN2 = math.log(2.0)
 

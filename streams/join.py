@@ -42,10 +42,12 @@ KINDS = (IMPRESSION, CLICK, CONVERSION)
 
 @dataclass(slots=True)
 class DeadLetter:
+    """A record the join rejects: where it came from, its encoded value and why."""
+
     kind: str
     partition: int
     offset: int
-    event: Event | None
+    raw: bytes
     error: InvalidRecord
 
 
@@ -148,7 +150,7 @@ class PartitionJoin:
         close_at = imp.event_time + self.window_s
         if close_at <= self.watermark:
             out.dead.append(
-                DeadLetter(IMPRESSION, self.partition, offset, imp,
+                DeadLetter(IMPRESSION, self.partition, offset, imp.to_json(),
                            InvalidRecord("late", f"impression {close_at - self.watermark:.1f}s behind the watermark"))
             )
             out.stats["late"] += 1
@@ -169,7 +171,7 @@ class PartitionJoin:
             return
         if key in self.closed or ev.event_time <= self.watermark - self.window_s:
             out.dead.append(
-                DeadLetter(kind, self.partition, offset, ev,
+                DeadLetter(kind, self.partition, offset, ev.to_json(),
                            InvalidRecord("late", f"{kind} after its impression's example was emitted"))
             )
             out.stats["late"] += 1
@@ -221,7 +223,7 @@ class PartitionJoin:
             for kind, ev, off in self.orphans.pop(key, ()):
                 reason = "orphan_click" if kind == CLICK else "orphan_conversion"
                 out.dead.append(
-                    DeadLetter(kind, self.partition, off, ev,
+                    DeadLetter(kind, self.partition, off, ev.to_json(),
                                InvalidRecord(reason, f"no impression for request {ev.request_id} ad {ev.ad_id}"))  # type: ignore[attr-defined]
                 )
                 out.stats[reason] += 1

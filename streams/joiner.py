@@ -4,8 +4,9 @@ labelled examples.
 One agent consumes the three co-partitioned topics (keyed by ``request_id``) in batches
 (``noack_take``), validates every record (bad ones go to the dead-letter topic with the reason), feeds
 the rest to :class:`streams.join.JoinState`, produces closed examples to the ``examples`` topic keyed
-``request_id:ad_id``, and acknowledges a record only when the join no longer needs it — in offset
-order per partition, so the committed offset is always a safe restart point (see streams/join.py).
+``request_id:ad_id``, and commits each input partition up to the smallest offset the join still
+needs, once the outputs that depend on it are delivered — so the committed offset is always a safe
+restart point (see streams/join.py).
 
 Run it with ``adstream joiner`` (or ``python -m streams.joiner``); several processes with the same
 ``--app-id`` form one consumer group and split the partitions.
@@ -18,19 +19,19 @@ import asyncio
 import logging
 import os
 import time
-from collections import defaultdict, deque
 from typing import Any
 
 from core.errors import InvalidRecord
 from core.events import Click, Conversion, Impression, dead_letter_record, decode
 from core.metrics import WorkerMetrics
 from core.settings import Settings
-from streams.join import CLICK, CONVERSION, IMPRESSION, JoinOutput, JoinState
+from streams.join import CLICK, CONVERSION, IMPRESSION, DeadLetter, JoinOutput, JoinState
 
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 5000
 BATCH_WITHIN_S = 0.1
+COMMIT_INTERVAL_S = 1.0
 
 
 def build_app(
@@ -56,13 +57,13 @@ def build_app(
         topic_replication_factor=settings.kafka.replication_factor,
         broker_session_timeout=settings.kafka.session_timeout_ms / 1000.0,
         broker_heartbeat_interval=settings.kafka.heartbeat_interval_ms / 1000.0,
-        stream_wait_empty=False,  # records are held on purpose until the join releases them
+        stream_wait_empty=False,  # offsets are committed by the join, not by faust's acks
         web_enabled=False,
         producer_linger_ms=5,
         consumer_auto_offset_reset="earliest",
-        broker_commit_interval=1.0,
     )
     kind_of_topic = {topics.impressions: IMPRESSION, topics.clicks: CLICK, topics.conversions: CONVERSION}
+    topic_of_kind = {v: k for k, v in kind_of_topic.items()}
     expected = {IMPRESSION: Impression, CLICK: Click, CONVERSION: Conversion}
     # acks=False: this worker commits its input offsets itself (see _commit), because faust would
     # also acknowledge records it skips around a rebalance, which could move the committed offset
@@ -77,18 +78,22 @@ def build_app(
     state = JoinState(settings.join.attribution_window_s, settings.join.allowed_lateness_s, track_inputs=True)
     last_seen: dict[tuple[str, int], int] = {}  # (kind, partition) -> last offset processed
     committed: dict[tuple[str, int], int] = {}  # what this worker committed last
-    clock = {"last_record": time.monotonic()}
+    # next offset to process per topic-partition; records off this sequence are ignored (neither
+    # processed nor committed): they are stale copies fetched before a rebalance's seek.
+    expected_next: dict[tuple[str, int], int | None] = {}
+    clock = {"last_record": time.monotonic(), "last_commit": 0.0}
     gen = {"n": 0}  # bumped by every rebalance
-    settings_commit_interval_s = 1.0
     worker = metrics.worker
+    records_in = {t: metrics.records_in.labels(worker, t) for t in kind_of_topic}
+    latency = metrics.processing_latency.labels(worker)
 
     lock = asyncio.Lock()
 
-    async def publish_and_ack() -> None:
+    async def publish_and_commit() -> None:
         async with lock:  # the agent and the timer both publish; one at a time, in order
-            await _publish_and_ack()
+            await _publish_and_commit()
 
-    async def _publish_and_ack() -> None:
+    async def _publish_and_commit() -> None:
         out = JoinOutput(list(state.out.examples), list(state.out.dead), state.out.stats.copy())
         state.out.clear()
         committable = state.committable()  # taken with the outputs it depends on
@@ -97,11 +102,10 @@ def build_app(
         for ex in out.examples:
             futs.append(await examples_topic.send(key=ex.key.encode(), value=ex.to_json()))
         for d in out.dead:
-            topic = {IMPRESSION: topics.impressions, CLICK: topics.clicks, CONVERSION: topics.conversions}[d.kind]
-            raw = d.event.to_json() if d.event is not None else b""
+            topic = topic_of_kind[d.kind]
             futs.append(await dlq_topic.send(
                 key=f"{topic}:{d.partition}:{d.offset}".encode(),
-                value=dead_letter_record(topic, d.partition, d.offset, raw, d.error),
+                value=dead_letter_record(topic, d.partition, d.offset, d.raw, d.error),
             ))
             metrics.dead_letters.labels(worker, d.error.reason).inc()
         if out.examples:
@@ -111,20 +115,18 @@ def build_app(
             if name == "late":
                 metrics.late_records.labels(worker, "all").inc(n)
         if futs:
-            await asyncio.gather(*futs)  # delivered before anything they depend on is acked
+            await asyncio.gather(*futs)  # delivered before the offsets they depend on are committed
         if generation != gen["n"]:
             return  # a rebalance rebuilt the state meanwhile: these offsets are not ours to commit
         await _commit(committable)
         for part, wm in state.watermarks().items():
             metrics.watermark.labels(f"{worker}-p{part}").set(wm if wm > -1e18 else 0)
 
-    topic_of_kind = {v: k for k, v in kind_of_topic.items()}
-
     async def _commit(committable: dict[tuple[str, int], int]) -> None:
         from faust.types import TP
 
         now = time.monotonic()
-        if now - clock.get("last_commit", 0.0) < settings_commit_interval_s:
+        if now - clock["last_commit"] < COMMIT_INTERVAL_S:
             return
         assignment = app.consumer.assignment()
         offsets = {}
@@ -167,21 +169,21 @@ def build_app(
                 expected_next[key] = msg.offset + 1
                 kind = kind_of_topic[msg.topic]
                 last_seen[(kind, msg.partition)] = msg.offset
-                metrics.records_in.labels(worker, msg.topic).inc()
+                records_in[msg.topic].inc()
                 if msg.timestamp:
-                    metrics.processing_latency.labels(worker).observe(max(0.0, now - msg.timestamp))
+                    latency.observe(max(0.0, now - msg.timestamp))
                 try:
                     ev = decode(msg.value, expected[kind], now=now)
                 except InvalidRecord as err:
                     state.skip(kind, msg.partition, msg.offset)
-                    state.out.dead.append(_dead(kind, msg, err))
+                    state.out.dead.append(DeadLetter(kind, msg.partition, msg.offset, bytes(msg.value or b""), err))
                     continue
                 state.add(kind, msg.partition, msg.offset, ev)
                 touched.add(msg.partition)
             update_idle(touched)
             state.advance(touched)
             clock["last_record"] = time.monotonic()
-            await publish_and_ack()
+            await publish_and_commit()
 
     @app.timer(interval=0.5)
     async def housekeeping():
@@ -190,11 +192,11 @@ def build_app(
         if idle_flush_s is not None and state.pending and time.monotonic() - clock["last_record"] > idle_flush_s:
             log.info("idle for %.1fs: closing %d open impressions", idle_flush_s, state.pending)
             state.advance(flush_all=True)
-            await publish_and_ack()
+            await publish_and_commit()
         elif state.partitions:
             update_idle(list(state.partitions))
             state.advance()
-            await publish_and_ack()
+            await publish_and_commit()
         try:
             for tp in app.consumer.assignment():
                 hw = app.consumer.highwater(tp)
@@ -204,10 +206,6 @@ def build_app(
                     metrics.consumer_lag.labels(worker, tp.topic, str(tp.partition)).set(max(0, hw - pos))
         except Exception:  # lag is best effort; never let it stop the worker
             pass
-
-    # next offset to process per topic-partition; records off this sequence are ignored (not
-    # processed, not acknowledged): they are stale copies fetched before a rebalance's seek.
-    expected_next: dict[tuple[str, int], int | None] = {}
 
     @app.on_partitions_assigned.connect
     async def on_assigned(app_, assigned=(), **kwargs):
@@ -228,21 +226,7 @@ def build_app(
         log.info("assigned partitions %s; state rebuilt from committed offsets",
                  sorted({tp.partition for tp in assigned if tp.topic in kind_of_topic}))
 
-    app.join_state = state  # for introspection in tests
     return app
-
-
-def _dead(kind: str, msg: Any, err: InvalidRecord):
-    from streams.join import DeadLetter
-
-    class _Raw:
-        def __init__(self, raw):
-            self._raw = raw if isinstance(raw, (bytes, bytearray)) else (raw or b"")
-
-        def to_json(self):
-            return bytes(self._raw)
-
-    return DeadLetter(kind, msg.partition, msg.offset, _Raw(msg.value), err)  # type: ignore[arg-type]
 
 
 def run_worker(

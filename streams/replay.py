@@ -114,7 +114,7 @@ def replay(
     "delivered": n, "delivery_errors": n, "seconds": s, "events_per_s": r}``.
     ``producer_config``: librdkafka settings with ``_`` for ``.`` (e.g. ``enable_idempotence=False``
     for a broker without idempotent producers)."""
-    from streams.kafka_io import make_producer
+    from streams.kafka_io import KafkaIOError, make_producer, produce_json
 
     topics = topics or TopicNames()
     producer = make_producer(bootstrap, **(producer_config or {}))
@@ -135,19 +135,12 @@ def replay(
             topic = topic_for(ev, topics)
             value = encode(ev)
             key = ev.key
-            blocked_since = None
-            while True:
-                try:
-                    producer.produce(topic, value, key=key)
-                    break
-                except BufferError:
-                    now = time.perf_counter()
-                    blocked_since = blocked_since or now
-                    if now - blocked_since > max_blocked_s:
-                        raise ReplayError(
-                            f"producer queue stayed full for {max_blocked_s:.0f}s; is {bootstrap} up?"
-                        ) from None
-                    producer.poll(0.01)
+            try:
+                produce_json(producer, topic, key, value, max_wait_s=max_blocked_s)
+            except KafkaIOError:
+                raise ReplayError(
+                    f"producer queue stayed full for {max_blocked_s:.0f}s; is {bootstrap} up?"
+                ) from None
             counts[topic] += 1
             n += 1
             if n & 1023 == 0:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from core.errors import ConfigError
-from core.events import Click, Event, Impression
+from core.events import ENTITY_KEYS, Click, Event, Impression
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,12 +41,7 @@ OBD_POLICIES = ("random", "bts")
 # id roles of the generic table source and the column names used when no mapping is given
 ID_ROLES = {
     "request": "request_id",
-    "user": "user_id",
-    "ad": "ad_id",
-    "creative": "creative_id",
-    "query": "query",
-    "bidword": "bidword",
-    "category": "category",
+    **ENTITY_KEYS,
     "position": "position",
     "bid": "bid",
 }

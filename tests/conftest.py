@@ -87,3 +87,14 @@ def topic_names(unique_topic_prefix: str) -> TopicNames:
 def kafka_settings(bootstrap: str, topic_names: TopicNames) -> KafkaSettings:
     """KafkaSettings pointing at the test broker with this test's unique topic names (not yet created)."""
     return KafkaSettings(bootstrap=bootstrap, topics=topic_names)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread: much faster than two on a shared 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

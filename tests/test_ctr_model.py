@@ -21,12 +21,7 @@ from models.ctr import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _learnable(n: int = 30_000, seed: int = 0) -> RawBatch:

@@ -20,13 +20,7 @@ from models.ctr.losses import (
 D = torch.float64  # identities are checked in double precision
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: much faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _grad(fn, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

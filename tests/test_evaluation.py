@@ -7,19 +7,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from core.errors import ConfigError
 from models.ctr import CTRLearner, iter_batches
 from models.evaluation import Columns, EvalConfig, _check_hygiene, period_bounds, prepare_frame, run_protocol, strategy_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def drift_frame(seed: int, periods: int = 8, per_period: int = 4000, n_ads: int = 300, drift_share: float = 0.3) -> pd.DataFrame:

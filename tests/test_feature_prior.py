@@ -9,13 +9,7 @@ import torch
 from models.ctr import BetaPriorTable, CTRConfig, CTRLearner, FieldConfig, RawBatch, iter_batches
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: much faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _stream(seed: int = 0):

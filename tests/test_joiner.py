@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,7 +180,7 @@ def test_bad_input_goes_to_dead_letter_and_the_rest_is_unaffected(bootstrap, top
 
 @pytest.mark.xfail(
     reason="known bug: after a consumer-group rebalance with records in flight some open windows "
-    "are lost (see docs/streams.md, 'Known issues'); single-worker crash/restart is exact",
+    "are lost (see docs/architecture.md, 'Known issues'); single-worker crash/restart is exact",
     strict=False)
 @pytest.mark.parametrize("leave", [False, True])
 def test_two_workers_split_partitions_and_one_leaving_loses_nothing(bootstrap, topic_names, unique_topic_prefix, tmp_path, leave):
@@ -212,5 +213,8 @@ def test_two_workers_split_partitions_and_one_leaving_loses_nothing(bootstrap, t
         f"missing {len(set(exp) - set(by_key))}; dead letters: {[(d['reason'], d['detail']) for d in dead][:10]}"
     )
     assert labels(by_key) == exp
-    logs = (tmp_path / "a.log").read_bytes() + (tmp_path / "b.log").read_bytes()
-    assert b"assigned" in logs.lower()
+    # both workers owned a proper share of the partitions at some point (the group split them)
+    for name in ("a", "b"):
+        shares = [set(json.loads(m)) for m in re.findall(
+            r"assigned partitions (\[[\d, ]*\])", (tmp_path / f"{name}.log").read_text(errors="replace"))]
+        assert any(0 < len(sh) < 6 for sh in shares), f"worker {name} never got a share: {shares}"
