@@ -17,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lateness", type=float, help="allowed lateness in seconds (join.allowed_lateness_s)")
     p.add_argument("--idle-flush", type=float, metavar="S",
                    help="close every open window after S idle seconds (finite replays, demos)")
+    p.add_argument("--runtime", choices=("faust", "kafka"), default="faust",
+                   help="faust-streaming agent (default) or a confluent-kafka loop (faster per worker)")
     p.add_argument("--metrics-port", type=int, help="serve /metrics on 127.0.0.1:PORT (default from settings)")
     p.set_defaults(func=_run)
 
@@ -38,5 +40,5 @@ def _run(args: argparse.Namespace) -> int:
     bootstrap = resolve_bootstrap(s)
     ensure_project_topics(bootstrap, s.kafka)
     port = args.metrics_port if args.metrics_port is not None else s.metrics.joiner_port
-    run_worker(s, bootstrap, args.app_id, port, args.idle_flush)
+    run_worker(s, bootstrap, args.app_id, port, args.idle_flush, runtime=args.runtime)
     return 0

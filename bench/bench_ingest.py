@@ -44,6 +44,34 @@ def raw_consume(bootstrap: str, topics: list[str], total: int) -> float:
     return n / dt if dt > 0 else 0.0
 
 
+def _joiner_seconds(b, topics, n_imp, runtime, env, tmp) -> float:
+    """Seconds from the joiner's first example to its last (start-up and the idle flush excluded).
+    Each runtime uses its own consumer group and its own examples topic."""
+    from streams.kafka_io import create_topics, read_topic
+
+    ex_topic = f"{topics.examples}-{runtime}"
+    create_topics(b, [ex_topic], 6)
+    prefix_env = dict(env, ADSTREAM_KAFKA__TOPICS__EXAMPLES=ex_topic)
+    t0 = time.perf_counter()
+    j = subprocess.Popen([sys.executable, "-m", "streams.joiner", "--bootstrap", b, "--window", "60",
+                          "--lateness", "5", "--idle-flush", "2", "--app-id", f"bench-joiner-{runtime}",
+                          "--runtime", runtime],
+                         env=prefix_env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = None
+    try:
+        while time.perf_counter() - t0 < 600:
+            got = len(read_topic(b, ex_topic, 30, 0.2))
+            if got and first is None:
+                first = time.perf_counter()
+            if got >= n_imp:
+                break
+            time.sleep(0.5)
+        return time.perf_counter() - (first or t0) - 2.0
+    finally:
+        j.terminate()
+        j.wait(30)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=60_000, help="approximate number of events in the backlog")
@@ -52,8 +80,8 @@ def main() -> int:
 
     from core.events import Impression
     from core.settings import BrokerSettings, TopicNames
-    from streams.broker import EmbeddedBroker, free_port
-    from streams.kafka_io import create_topics, read_topic
+    from streams.broker import EmbeddedBroker
+    from streams.kafka_io import create_topics
     from streams.replay import replay
     from streams.sources import synthetic_events
 
@@ -75,21 +103,9 @@ def main() -> int:
         raw = raw_consume(b, inputs, n_in)
 
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        t0 = time.perf_counter()
-        j = subprocess.Popen([sys.executable, "-m", "streams.joiner", "--bootstrap", b, "--window", "60",
-                              "--lateness", "5", "--idle-flush", "2", "--app-id", "bench-joiner"],
-                             env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        first = None
-        while time.perf_counter() - t0 < 600:
-            got = len(read_topic(b, topics.examples, 30, 0.2))
-            if got and first is None:
-                first = time.perf_counter()
-            if got >= n_imp:
-                break
-            time.sleep(0.5)
-        joiner_s = time.perf_counter() - (first or t0) - 2.0  # minus the idle flush wait
-        j.terminate()
-        j.wait(30)
+        joiner_rates = {}
+        for runtime in ("faust", "kafka"):
+            joiner_rates[runtime] = round(n_in / max(_joiner_seconds(b, topics, n_imp, runtime, env, tmp), 1e-6))
 
         t1 = time.perf_counter()
         f = subprocess.run([sys.executable, "-m", "streams.feature_updater", "--bootstrap", b,
@@ -101,9 +117,9 @@ def main() -> int:
             "events": n_in,
             "impressions": n_imp,
             "raw_consume_events_per_s": round(raw),
-            "joiner_events_per_s": round(n_in / max(joiner_s, 1e-6)),
+            "joiner_events_per_s": joiner_rates,
             "feature_updater_events_per_s": round(n_in / max(updater_s, 1e-6)),
-            "joiner_vs_raw": round(n_in / max(joiner_s, 1e-6) / raw, 3) if raw else None,
+            "joiner_vs_raw": {k: round(v / raw, 3) for k, v in joiner_rates.items()} if raw else None,
             "note": "joiner time from its first example to the last (start-up excluded); updater time "
                     "includes start-up (Feast apply) minus the idle wait",
             "updater_rc": f.returncode,

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 BATCH_MAX = 5000
 BATCH_WITHIN_S = 0.1
 COMMIT_INTERVAL_S = 1.0
+# An input partition counts as idle (and stops holding the watermark back) only when it is read up to
+# its high watermark AND nothing arrived on it for this long: the high watermark a consumer knows is
+# from its last fetch, so "caught up" alone can be stale while a fast producer keeps writing.
+IDLE_AFTER_S = 2.0
 
 
 def build_app(
@@ -77,11 +81,12 @@ def build_app(
 
     state = JoinState(settings.join.attribution_window_s, settings.join.allowed_lateness_s, track_inputs=True)
     last_seen: dict[tuple[str, int], int] = {}  # (kind, partition) -> last offset processed
+    last_arrival: dict[tuple[str, int], float] = {}  # (kind, partition) -> monotonic time
     committed: dict[tuple[str, int], int] = {}  # what this worker committed last
     # next offset to process per topic-partition; records off this sequence are ignored (neither
     # processed nor committed): they are stale copies fetched before a rebalance's seek.
     expected_next: dict[tuple[str, int], int | None] = {}
-    clock = {"last_record": time.monotonic(), "last_commit": 0.0}
+    clock = {"last_record": time.monotonic(), "last_commit": 0.0, "assigned": time.monotonic()}
     gen = {"n": 0}  # bumped by every rebalance
     worker = metrics.worker
     records_in = {t: metrics.records_in.labels(worker, t) for t in kind_of_topic}
@@ -104,16 +109,10 @@ def build_app(
         for d in out.dead:
             topic = topic_of_kind[d.kind]
             futs.append(await dlq_topic.send(
-                key=f"{topic}:{d.partition}:{d.offset}".encode(),
+                key=dead_letter_key(topic, d),
                 value=dead_letter_record(topic, d.partition, d.offset, d.raw, d.error),
             ))
-            metrics.dead_letters.labels(worker, d.error.reason).inc()
-        if out.examples:
-            metrics.records_out.labels(worker, topics.examples).inc(len(out.examples))
-        for name, n in out.stats.items():
-            metrics.join_outcomes.labels(name).inc(n)
-            if name == "late":
-                metrics.late_records.labels(worker, "all").inc(n)
+        count_outputs(metrics, out, topics.examples)
         if futs:
             await asyncio.gather(*futs)  # delivered before the offsets they depend on are committed
         if generation != gen["n"]:
@@ -144,6 +143,7 @@ def build_app(
         from faust.types import TP
 
         consumer = app.consumer
+        quiet_since = time.monotonic() - IDLE_AFTER_S
         for part in partitions:
             idle = set()
             for kind, topic in topic_of_kind.items():
@@ -151,7 +151,8 @@ def build_app(
                 hw = consumer.highwater(tp)
                 seen = last_seen.get((kind, part))
                 pos = seen + 1 if seen is not None else expected_next.get((topic, part))
-                if hw is not None and (hw == 0 or (pos is not None and pos >= hw)):
+                caught_up = hw is not None and (hw == 0 or (pos is not None and pos >= hw))
+                if caught_up and last_arrival.get((kind, part), clock["assigned"]) < quiet_since:
                     idle.add(kind)
             state.set_idle(part, idle)
 
@@ -169,6 +170,7 @@ def build_app(
                 expected_next[key] = msg.offset + 1
                 kind = kind_of_topic[msg.topic]
                 last_seen[(kind, msg.partition)] = msg.offset
+                last_arrival[(kind, msg.partition)] = time.monotonic()
                 records_in[msg.topic].inc()
                 if msg.timestamp:
                     latency.observe(max(0.0, now - msg.timestamp))
@@ -215,6 +217,8 @@ def build_app(
         gen["n"] += 1
         state.revoke(list(state.partitions))
         last_seen.clear()
+        last_arrival.clear()
+        clock["assigned"] = time.monotonic()
         committed.clear()
         seeked = await app.consumer.seek_to_committed()
         expected_next.clear()
@@ -229,6 +233,24 @@ def build_app(
     return app
 
 
+def count_outputs(metrics: WorkerMetrics, out: JoinOutput, examples_topic: str) -> None:
+    """Export one batch of join output as metrics (both runtimes)."""
+    worker = metrics.worker
+    for d in out.dead:
+        metrics.dead_letters.labels(worker, d.error.reason).inc()
+    if out.examples:
+        metrics.records_out.labels(worker, examples_topic).inc(len(out.examples))
+    for name, n in out.stats.items():
+        metrics.join_outcomes.labels(name).inc(n)
+        if name == "late":
+            metrics.late_records.labels(worker, "all").inc(n)
+
+
+def dead_letter_key(topic: str, d: DeadLetter) -> bytes:
+    """Dead letters are keyed by where the record came from, so re-processing repeats the key."""
+    return f"{topic}:{d.partition}:{d.offset}".encode()
+
+
 def run_worker(
     settings: Settings,
     bootstrap: str,
@@ -236,14 +258,23 @@ def run_worker(
     metrics_port: int | None = None,
     idle_flush_s: float | None = None,
     loglevel: str = "info",
+    runtime: str = "faust",
 ) -> None:
-    """Run a joiner worker until stopped (SIGTERM/SIGINT). Blocks."""
-    import faust
-
+    """Run a joiner worker until stopped (SIGTERM/SIGINT). Blocks. ``runtime``: ``faust`` (the
+    faust-streaming agent) or ``kafka`` (a confluent-kafka loop, :mod:`streams.joiner_kafka`)."""
     metrics = WorkerMetrics(f"joiner-{os.getpid()}")
     if metrics_port is not None:
         metrics.serve(metrics_port, settings.metrics.host)
         log.info("metrics on http://%s:%d/metrics", settings.metrics.host, metrics_port)
+    if runtime == "kafka":
+        from streams import joiner_kafka
+
+        joiner_kafka.run_worker(settings, bootstrap, app_id, metrics, idle_flush_s)
+        return
+    if runtime != "faust":
+        raise ValueError(f"unknown joiner runtime {runtime!r} (faust or kafka)")
+    import faust
+
     app = build_app(settings, bootstrap, app_id, metrics, idle_flush_s)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()
@@ -262,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lateness", type=float, help="allowed lateness, seconds")
     ap.add_argument("--idle-flush", type=float, help="close all windows after this many idle seconds")
     ap.add_argument("--metrics-port", type=int)
+    ap.add_argument("--runtime", choices=("faust", "kafka"), default="faust")
     a = ap.parse_args(argv)
     over: dict[str, Any] = {}
     if a.partitions:
@@ -278,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         over.setdefault("join", {})["allowed_lateness_s"] = a.lateness
     s = load_settings(a.config, **over)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_worker(s, a.bootstrap, a.app_id, a.metrics_port, a.idle_flush)
+    run_worker(s, a.bootstrap, a.app_id, a.metrics_port, a.idle_flush, runtime=a.runtime)
     return 0
 
 

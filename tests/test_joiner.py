@@ -48,9 +48,15 @@ def setup_topics(bootstrap, topic_names, partitions=6):
     create_topics(bootstrap, topic_names.all(), partitions)
 
 
-def start_joiner(bootstrap, prefix, app_id, log_path, idle_flush=3.0):
+@pytest.fixture(params=["faust", "kafka"])
+def runtime(request):
+    """Both joiner runtimes (faust agent, confluent-kafka loop) run the same test body."""
+    return request.param
+
+
+def start_joiner(bootstrap, prefix, app_id, log_path, idle_flush=3.0, runtime="faust"):
     cmd = [sys.executable, "-m", "streams.joiner", "--bootstrap", bootstrap, "--topic-prefix", prefix,
-           "--app-id", app_id, "--window", str(WINDOW), "--lateness", str(LATENESS)]
+           "--app-id", app_id, "--window", str(WINDOW), "--lateness", str(LATENESS), "--runtime", runtime]
     if idle_flush is not None:
         cmd += ["--idle-flush", str(idle_flush)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -90,13 +96,13 @@ def labels(by_key):
     return out
 
 
-def test_end_to_end_every_example_exactly_once_in_effect(bootstrap, topic_names, unique_topic_prefix, tmp_path):
+def test_end_to_end_every_example_exactly_once_in_effect(bootstrap, topic_names, unique_topic_prefix, tmp_path, runtime):
     events = world_slice()
     exp = expected_examples(events)
     assert sum(c for c, _ in exp.values()) > 20, "the slice must contain clicks"
     setup_topics(bootstrap, topic_names)
     replay(events, bootstrap, topic_names, progress=False)
-    j = start_joiner(bootstrap, unique_topic_prefix, unique_topic_prefix + "joiner", tmp_path / "j.log")
+    j = start_joiner(bootstrap, unique_topic_prefix, unique_topic_prefix + "joiner", tmp_path / "j.log", runtime=runtime)
     try:
         by_key, n = collect_examples(bootstrap, topic_names.examples, set(exp))
     finally:
@@ -108,7 +114,7 @@ def test_end_to_end_every_example_exactly_once_in_effect(bootstrap, topic_names,
     assert not reasons & {"late", "malformed_json", "missing_field", "wrong_type"}, reasons
 
 
-def test_kill_9_mid_stream_and_restart_gives_same_examples(bootstrap, topic_names, unique_topic_prefix, tmp_path):
+def test_kill_9_mid_stream_and_restart_gives_same_examples(bootstrap, topic_names, unique_topic_prefix, tmp_path, runtime):
     events = world_slice(seed=12, duration=300.0, rps=5.0)
     exp = expected_examples(events)
     setup_topics(bootstrap, topic_names)
@@ -116,7 +122,7 @@ def test_kill_9_mid_stream_and_restart_gives_same_examples(bootstrap, topic_name
     log = tmp_path / "j.log"
     half = len(events) // 2
     replay(events[:half], bootstrap, topic_names, progress=False)
-    j = start_joiner(bootstrap, unique_topic_prefix, app_id, log, idle_flush=None)
+    j = start_joiner(bootstrap, unique_topic_prefix, app_id, log, idle_flush=None, runtime=runtime)
     # wait until it emitted something and committed, then kill -9 in the middle of the stream
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(read_topic(bootstrap, topic_names.examples, 10, 0.2)) < 50:
@@ -125,11 +131,11 @@ def test_kill_9_mid_stream_and_restart_gives_same_examples(bootstrap, topic_name
     j.send_signal(signal.SIGKILL)
     j.wait(10)
     replay(events[half:], bootstrap, topic_names, progress=False)
-    j = start_joiner(bootstrap, unique_topic_prefix, app_id, log)
+    j = start_joiner(bootstrap, unique_topic_prefix, app_id, log, runtime=runtime)
     time.sleep(8)
     j.send_signal(signal.SIGKILL)  # a second crash, possibly mid-batch
     j.wait(10)
-    j = start_joiner(bootstrap, unique_topic_prefix, app_id, log)
+    j = start_joiner(bootstrap, unique_topic_prefix, app_id, log, runtime=runtime)
     try:
         by_key, n = collect_examples(bootstrap, topic_names.examples, set(exp))
     finally:
@@ -139,7 +145,7 @@ def test_kill_9_mid_stream_and_restart_gives_same_examples(bootstrap, topic_name
     assert n >= len(exp)  # duplicates are allowed, and harmless: same key, same content
 
 
-def test_bad_input_goes_to_dead_letter_and_the_rest_is_unaffected(bootstrap, topic_names, unique_topic_prefix, tmp_path):
+def test_bad_input_goes_to_dead_letter_and_the_rest_is_unaffected(bootstrap, topic_names, unique_topic_prefix, tmp_path, runtime):
     events = world_slice(seed=13, duration=120.0, rps=3.0)
     exp = expected_examples(events)
     setup_topics(bootstrap, topic_names)
@@ -159,7 +165,7 @@ def test_bad_input_goes_to_dead_letter_and_the_rest_is_unaffected(bootstrap, top
         produce_json(p, topic_names.clicks, reason.encode(), raw)
     p.flush(30)
     replay(events, bootstrap, topic_names, progress=False)
-    j = start_joiner(bootstrap, unique_topic_prefix, unique_topic_prefix + "joiner", tmp_path / "j.log")
+    j = start_joiner(bootstrap, unique_topic_prefix, unique_topic_prefix + "joiner", tmp_path / "j.log", runtime=runtime)
     try:
         by_key, _ = collect_examples(bootstrap, topic_names.examples, set(exp))
         deadline = time.monotonic() + 60
@@ -183,13 +189,13 @@ def test_bad_input_goes_to_dead_letter_and_the_rest_is_unaffected(bootstrap, top
     "are lost (see docs/architecture.md, 'Known issues'); single-worker crash/restart is exact",
     strict=False)
 @pytest.mark.parametrize("leave", [False, True])
-def test_two_workers_split_partitions_and_one_leaving_loses_nothing(bootstrap, topic_names, unique_topic_prefix, tmp_path, leave):
+def test_two_workers_split_partitions_and_one_leaving_loses_nothing(bootstrap, topic_names, unique_topic_prefix, tmp_path, runtime, leave):
     events = world_slice(seed=14, duration=300.0, rps=5.0)
     exp = expected_examples(events)
     setup_topics(bootstrap, topic_names)
     app_id = unique_topic_prefix + "joiner"
-    a = start_joiner(bootstrap, unique_topic_prefix, app_id, tmp_path / "a.log", idle_flush=None)
-    b = start_joiner(bootstrap, unique_topic_prefix, app_id, tmp_path / "b.log", idle_flush=None)
+    a = start_joiner(bootstrap, unique_topic_prefix, app_id, tmp_path / "a.log", idle_flush=None, runtime=runtime)
+    b = start_joiner(bootstrap, unique_topic_prefix, app_id, tmp_path / "b.log", idle_flush=None, runtime=runtime)
     try:
         time.sleep(10)  # both in the group
         half = len(events) // 2
@@ -202,7 +208,7 @@ def test_two_workers_split_partitions_and_one_leaving_loses_nothing(bootstrap, t
         stop(a)
         stop(b)
         # the survivor's open windows are closed by a final worker with idle flush
-        c = start_joiner(bootstrap, unique_topic_prefix, app_id, tmp_path / "c.log")
+        c = start_joiner(bootstrap, unique_topic_prefix, app_id, tmp_path / "c.log", runtime=runtime)
         by_key, _ = collect_examples(bootstrap, topic_names.examples, set(exp))
         stop(c)
         dead = [json.loads(v) for _, v, *_ in read_topic(bootstrap, topic_names.dead_letter, 10, 0.3)]

@@ -1,0 +1,233 @@
+"""The joiner on a plain confluent-kafka consumer loop (``adstream joiner --runtime kafka``).
+
+Same join (:class:`streams.join.JoinState`), same topics, keys, dead letters, metrics and offset
+rule as the faust worker in :mod:`streams.joiner`; it trades faust's agent machinery for librdkafka's
+batch consume, which is several times faster per worker. Rebalances are eager: on revoke, outputs
+are flushed, the committable offsets committed and the state of every partition dropped; on assign,
+consumption restarts from the committed offsets and the state is rebuilt, exactly like a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, TopicPartition
+
+from core.errors import InvalidRecord
+from core.events import Click, Conversion, Impression, dead_letter_record, decode
+from core.metrics import WorkerMetrics
+from core.settings import Settings
+from streams.join import CLICK, CONVERSION, IMPRESSION, DeadLetter, JoinState
+from streams.joiner import COMMIT_INTERVAL_S, IDLE_AFTER_S, count_outputs, dead_letter_key
+from streams.kafka_io import make_producer
+
+log = logging.getLogger(__name__)
+
+BATCH_MAX = 10_000
+POLL_S = 0.1
+HOUSEKEEPING_S = 0.5
+
+
+class KafkaJoiner:
+    """One joiner worker. ``run()`` blocks until ``stop()`` (or SIGTERM/SIGINT via :func:`run_worker`)."""
+
+    def __init__(self, settings: Settings, bootstrap: str, app_id: str = "adstream-joiner",
+                 metrics: WorkerMetrics | None = None, idle_flush_s: float | None = None) -> None:
+        t = settings.kafka.topics
+        self.topics = t
+        self.kind_of_topic = {t.impressions: IMPRESSION, t.clicks: CLICK, t.conversions: CONVERSION}
+        self.topic_of_kind = {v: k for k, v in self.kind_of_topic.items()}
+        self.expected = {IMPRESSION: Impression, CLICK: Click, CONVERSION: Conversion}
+        self.metrics = metrics or WorkerMetrics("joiner")
+        self.idle_flush_s = idle_flush_s
+        self.state = JoinState(settings.join.attribution_window_s, settings.join.allowed_lateness_s,
+                               track_inputs=True)
+        self.last_seen: dict[tuple[str, int], int] = {}
+        self.last_arrival: dict[tuple[str, int], float] = {}
+        self.assigned_at = time.monotonic()
+        self.committed: dict[tuple[str, int], int] = {}
+        self.assigned: set[int] = set()
+        self.start_offsets: dict[tuple[str, int], int | None] = {}
+        self._stop = threading.Event()
+        self.producer = make_producer(bootstrap)
+        self.consumer = Consumer({
+            "bootstrap.servers": bootstrap,
+            "group.id": app_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": settings.kafka.session_timeout_ms,
+            "heartbeat.interval.ms": settings.kafka.heartbeat_interval_ms,
+            "partition.assignment.strategy": "range",  # co-partitioned topics: same index, same worker
+        })
+
+    # -- rebalance ----------------------------------------------------------------------------
+    def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        self.assigned = {p.partition for p in parts}
+        self.assigned_at = time.monotonic()
+        # where reading restarts (the committed offsets): the position of inputs not read yet
+        self.start_offsets = {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
+                              for tp in consumer.committed(parts, timeout=10)}
+        log.info("assigned partitions %s; state rebuilt from committed offsets", sorted(self.assigned))
+
+    def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        self._publish()
+        self._commit(force=True)
+        self.state.revoke(list(self.state.partitions))
+        self.last_seen.clear()
+        self.last_arrival.clear()
+        self.committed.clear()
+        self.assigned = set()
+
+    # -- loop ---------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        c = self.consumer
+        c.subscribe(list(self.kind_of_topic), on_assign=self._on_assign, on_revoke=self._on_revoke)
+        worker = self.metrics.worker
+        records_in = {t: self.metrics.records_in.labels(worker, t) for t in self.kind_of_topic}
+        latency = self.metrics.processing_latency.labels(worker)
+        last_record = last_house = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                msgs = c.consume(BATCH_MAX, POLL_S)
+                now = time.time()
+                mono_now = time.monotonic()
+                touched = set()
+                for m in msgs:
+                    err = m.error()
+                    if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            log.warning("consumer error: %s", err)
+                        continue
+                    topic, part, off = m.topic(), m.partition(), m.offset()
+                    kind = self.kind_of_topic[topic]
+                    self.last_seen[(kind, part)] = off
+                    self.last_arrival[(kind, part)] = mono_now
+                    records_in[topic].inc()
+                    ts_type, ts = m.timestamp()
+                    if ts > 0:
+                        latency.observe(max(0.0, now - ts / 1000.0))
+                    value = m.value()
+                    try:
+                        ev = decode(value, self.expected[kind], now=now)
+                    except InvalidRecord as e:
+                        self.state.skip(kind, part, off)
+                        self.state.out.dead.append(DeadLetter(kind, part, off, value or b"", e))
+                        continue
+                    self.state.add(kind, part, off, ev)
+                    touched.add(part)
+                mono = time.monotonic()
+                if msgs:
+                    last_record = mono
+                    self._update_idle(touched)
+                    self.state.advance(touched)
+                elif (self.idle_flush_s is not None and self.state.pending
+                      and mono - last_record > self.idle_flush_s):
+                    log.info("idle for %.1fs: closing %d open impressions", self.idle_flush_s, self.state.pending)
+                    self.state.advance(flush_all=True)
+                if mono - last_house > HOUSEKEEPING_S:
+                    last_house = mono
+                    self._update_idle(list(self.state.partitions))
+                    self.state.advance()
+                    self._lag()
+                self._publish()
+                self._commit()
+        finally:
+            self._publish()
+            self._commit(force=True)
+            c.close()  # leaves the group: the others take the partitions over at once
+            self.producer.flush(30)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _publish(self) -> None:
+        out = self.state.out
+        if not (out.examples or out.dead or out.stats):
+            return
+        p = self.producer
+        for ex in out.examples:
+            self._produce(self.topics.examples, ex.key.encode(), ex.to_json())
+        for d in out.dead:
+            topic = self.topic_of_kind[d.kind]
+            self._produce(self.topics.dead_letter, dead_letter_key(topic, d),
+                          dead_letter_record(topic, d.partition, d.offset, d.raw, d.error))
+        count_outputs(self.metrics, out, self.topics.examples)
+        out.clear()
+        p.poll(0)
+
+    def _produce(self, topic: str, key: bytes, value: bytes) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value, key=key)
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+
+    def _commit(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - getattr(self, "_last_commit", 0.0) < COMMIT_INTERVAL_S:
+            return
+        self._last_commit = now
+        offsets = [
+            TopicPartition(self.topic_of_kind[kind], part, off)
+            for (kind, part), off in self.state.committable().items()
+            if part in self.assigned and off > self.committed.get((kind, part), -1)
+        ]
+        if not offsets:
+            return
+        errors_before = self.producer.errors
+        if self.producer.flush(30) > 0 or self.producer.errors > errors_before:
+            log.error("outputs not delivered: offsets not committed (the records will be re-read)")
+            return
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except Exception as e:  # a rebalance in progress: the next owner re-reads, harmlessly
+            log.warning("commit failed: %s", e)
+            return
+        for tp in offsets:
+            self.committed[(self.kind_of_topic[tp.topic], tp.partition)] = tp.offset
+        for part, wm in self.state.watermarks().items():
+            self.metrics.watermark.labels(f"{self.metrics.worker}-p{part}").set(wm if wm > -1e18 else 0)
+
+    def _position(self, topic: str, part: int) -> int | None:
+        seen = self.last_seen.get((self.kind_of_topic[topic], part))
+        if seen is not None:
+            return seen + 1
+        return self.start_offsets.get((topic, part))
+
+    def _update_idle(self, partitions) -> None:
+        """An input partition is idle when it has been read up to its high watermark and nothing
+        arrived on it for IDLE_AFTER_S (see streams.joiner)."""
+        quiet_since = time.monotonic() - IDLE_AFTER_S
+        for part in partitions:
+            idle = set()
+            for kind, topic in self.topic_of_kind.items():
+                _, hw = self.consumer.get_watermark_offsets(TopicPartition(topic, part), cached=True)
+                if hw == OFFSET_INVALID or hw < 0:
+                    continue  # not fetched yet: unknown, so not idle
+                pos = self._position(topic, part)
+                caught_up = hw == 0 or (pos is not None and pos >= hw)
+                if caught_up and self.last_arrival.get((kind, part), self.assigned_at) < quiet_since:
+                    idle.add(kind)
+            self.state.set_idle(part, idle)
+
+    def _lag(self) -> None:
+        for part in self.assigned:
+            for topic in self.kind_of_topic:
+                _, hw = self.consumer.get_watermark_offsets(TopicPartition(topic, part), cached=True)
+                pos = self._position(topic, part)
+                if hw >= 0 and pos is not None:
+                    self.metrics.consumer_lag.labels(self.metrics.worker, topic, str(part)).set(max(0, hw - pos))
+
+
+def run_worker(settings: Settings, bootstrap: str, app_id: str = "adstream-joiner",
+               metrics: WorkerMetrics | None = None, idle_flush_s: float | None = None) -> None:
+    """Run until SIGTERM/SIGINT; then flush, commit and leave the group."""
+    j = KafkaJoiner(settings, bootstrap, app_id, metrics, idle_flush_s)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: j.stop())
+    j.run()
