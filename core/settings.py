@@ -75,6 +75,22 @@ class FeatureSettings(BaseModel):
         return v
 
 
+class TrainerSettings(BaseModel):
+    """The stream trainer (``adstream train``); owned by streams/trainer.py."""
+
+    registry_dir: Path = Path(".adstream/registry")
+    checkpoint_dir: Path = Path(".adstream/trainer")
+    model_name: str = "ctr"
+
+
+class ServeSettings(BaseModel):
+    """The online service (``adstream serve``); owned by online/."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_token: str | None = None  # admin endpoints are refused while this is unset
+
+
 class MetricsSettings(BaseModel):
     host: str = "127.0.0.1"
     joiner_port: int = 9101
@@ -92,6 +108,8 @@ class Settings(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     join: JoinSettings = JoinSettings()
     features: FeatureSettings = FeatureSettings()
+    trainer: TrainerSettings = TrainerSettings()
+    serve: ServeSettings = ServeSettings()
     metrics: MetricsSettings = MetricsSettings()
     state_dir: Path = Path(".adstream")
 
