@@ -76,11 +76,39 @@ class FeatureSettings(BaseModel):
 
 
 class TrainerSettings(BaseModel):
-    """The stream trainer (``adstream train``); owned by streams/trainer.py."""
+    """The stream trainer (``adstream train``); owned by streams/trainer.py (docs/trainer.md)."""
 
     registry_dir: Path = Path(".adstream/registry")
     checkpoint_dir: Path = Path(".adstream/trainer")
     model_name: str = "ctr"
+    # windows: by count of unique examples, or (when window_seconds is set) by event time
+    window_examples: int = Field(5000, ge=1)
+    window_seconds: float | None = Field(None, gt=0)
+    min_window: int = Field(200, ge=1)  # a final partial window (idle exit) trains only from this size
+    batch_size: int = Field(512, ge=1)
+    # model: strategy presets are those of `adstream evaluate-ctr` (models/evaluation.py)
+    strategy: str = Field("ddp", pattern="^(retrain|finetune|distill|ddp-fp|ddp-mp|ddp)$")
+    compare: str | None = Field(None, pattern="^(retrain|finetune|distill|ddp-fp|ddp-mp|ddp)$")
+    backbone: str = Field("dcn", pattern="^(dcn|deepfm)$")
+    embedding_dim: int = Field(8, ge=1)
+    capacity: int = Field(1 << 16, ge=16)  # rows of the largest (user) table; others are derived
+    categorical: list[str] = ["user_id", "ad_id", "creative_id", "query", "bidword", "category", "position",
+                              "slot", "domain", "segment", "match", "top_category", "advertiser"]
+    numeric: list[str] = ["bid", "query_len"]
+    emb_lr: float = Field(0.05, gt=0)
+    dense_lr: float = Field(0.01, gt=0)
+    mp_lambda: float = Field(1.0, ge=0)
+    epochs: int = Field(1, ge=1)
+    seed: int = 0
+    # gate (progressive validation on the next window)
+    gate_auc_margin: float = Field(0.01, ge=0)
+    gate_logloss_margin: float = Field(0.01, ge=0)
+    on_reject: str = Field("reset", pattern="^(reset|continue)$")
+    # stream hygiene and stop conditions
+    dedup_horizon: int = Field(200_000, ge=0)  # example keys remembered for de-duplication
+    max_windows: int | None = Field(None, ge=1)
+    idle_exit_s: float | None = Field(None, gt=0)
+    threads: int = Field(1, ge=1)
 
 
 class ServeSettings(BaseModel):
