@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "adstream.cmd_features",
     "adstream.cmd_train",
     "adstream.cmd_evaluate",
+    "adstream.cmd_train_dist",
     "adstream.cmd_serve",
     "adstream.cmd_demo",
 ]

@@ -1,0 +1,463 @@
+"""The CTR model under TorchRec ``DistributedModelParallel`` (DMP): sharded tables, data-parallel rest.
+
+Run by every process of a ``torch.distributed`` job (the caller initialises the process group;
+``adstream train-dist`` launches the job with ``torch.distributed.run``). See docs/distributed.md.
+
+::
+
+    global batch (B rows, identical on every rank)
+      ├─ IdMapper per field on all B rows (same mapper, same input => same row ids on every rank)
+      ├─ RunningStandardizer updated with all B rows (identical on every rank)
+      └─ rank r keeps its slice r of the B rows (data parallel: ~B/N rows per rank)
+    KJT (local rows) ─► ShardedEmbeddingBagCollection (table-wise or column-wise over the ranks;
+                        fused RowWiseAdagrad applied in backward, all-to-all between ranks)
+                     ─► backbone (DDP replica on every rank, gradients averaged) ─► logit
+
+- The network is the single-process :class:`~models.ctr.model.CTRNet` with the same backbone
+  (:func:`~models.ctr.backbones.build_backbone`, same seed => same initial dense weights); only
+  the embedding collection differs: a plain ``EmbeddingBagCollection`` built on the ``meta``
+  device (no rank ever allocates a full copy of the tables), whose optimizer is attached with
+  ``apply_optimizer_in_backward`` so the sharded fbgemm kernels update each shard inside
+  ``backward()``.
+- Losses come from :mod:`models.ctr.losses` and follow ``CTRLearner._main_loss``: plain BCE
+  (``finetune``), the Model Prior ``posterior`` / ``kl`` (``ddp-mp``) and distillation
+  (``distill``). The prior model is the model as it was at the start of the window: its logits
+  for every local batch of the window are computed *before* training on it (one forward pass of
+  the same sharded model in eval mode), which is the same prior as the single-process snapshot.
+- Loss is a mean over the local rows. DDP averages the dense gradients over the ranks and
+  TorchRec divides the embedding gradients by the world size in its all-to-all backward
+  (``comm_ops.GRADIENT_DIVISION``), so a step equals a step on the mean loss of the global batch.
+- Not supported under DMP (refused with a clear error): the Feature Prior (``fp != "off"``), the
+  logit-chain Model Prior (``mp="logit"``) and id expiry (``ttl``), which would need per-row
+  resets of sharded tables.
+
+Pure: tensors, frames and plain dicts; no Kafka, Feast, HTTP, clock or environment reads (the
+process group is created by the caller).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torchrec
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+from models.ctr.backbones import build_backbone
+from models.ctr.features import ModelInput, RawBatch, RunningStandardizer, concat, iter_batches, make_kjt, raw_from_frame
+from models.ctr.hashing import IdMapper
+from models.ctr.losses import bce, count_strength, distill_loss, mp_kl_loss, mp_posterior_loss
+from models.ctr.metrics import auc, logloss
+from models.ctr.model import CTRConfig, CTRNet
+from models.evaluation import Columns, EvalConfig, _check_hygiene, _report, period_bounds, strategy_config
+
+log = logging.getLogger(__name__)
+
+SHARDINGS = ("table_wise", "column_wise")
+DIST_STRATEGIES = ("finetune", "distill", "ddp-mp")
+
+
+class DistConfigError(ValueError):
+    """A setting the distributed learner cannot run with (the message names it)."""
+
+
+def check_supported(cfg: CTRConfig) -> None:
+    """Raises :class:`DistConfigError` for features the DMP learner does not implement."""
+    cfg.validate()
+    if cfg.fp != "off":
+        raise DistConfigError("the Feature Prior (fp=learned|count) is not supported under DMP; use fp=off")
+    if cfg.mp == "logit":
+        raise DistConfigError("mp=logit (a chain of frozen networks) is not supported under DMP; use posterior or kl")
+    ttl = [f.name for f in cfg.fields if f.ttl is not None]
+    if ttl:
+        raise DistConfigError(f"id expiry (ttl) is not supported under DMP (fields {ttl}): recycled rows cannot be reset")
+
+
+# ---------------------------------------------------------------------------------------- sharding plan
+
+
+def plan_tables(cfg: CTRConfig, world_size: int, sharding: str) -> dict[str, list[int]]:
+    """Which ranks hold each table (``t_<field>``), as plain data.
+
+    - ``table_wise``: each whole table on one rank; tables are placed largest first
+      (rows × dim) on the least-loaded rank, ties to the lowest rank. With fewer tables than
+      ranks some ranks hold no table (they still run the dense part).
+    - ``column_wise``: every table is split into ``world_size`` equal column blocks, block ``r``
+      on rank ``r``; every field's dim must be divisible by ``world_size``.
+    """
+    if sharding not in SHARDINGS:
+        raise DistConfigError(f"sharding must be one of {SHARDINGS}, not {sharding!r}")
+    if world_size < 1:
+        raise DistConfigError("world size must be >= 1")
+    names = [f"t_{f.name}" for f in cfg.fields]
+    dims = cfg.field_dims()
+    if sharding == "column_wise":
+        bad = [n for n, d in zip(names, dims) if d % world_size]
+        if bad:
+            raise DistConfigError(
+                f"column_wise sharding needs embedding dims divisible by the world size {world_size}; not: {bad}"
+            )
+        return {n: list(range(world_size)) for n in names}
+    sizes = [f.capacity * d for f, d in zip(cfg.fields, dims)]
+    load = [0] * world_size
+    out: dict[str, list[int]] = {}
+    for i in sorted(range(len(names)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        load[r] += sizes[i]
+        out[names[i]] = [r]
+    return {n: out[n] for n in names}
+
+
+def _torchrec_plan(
+    ebc: EmbeddingBagCollection, tables: dict[str, list[int]], world_size: int, sharding: str, device_type: str
+) -> Any:
+    from torchrec.distributed.sharding_plan import column_wise, construct_module_sharding_plan, table_wise
+    from torchrec.distributed.types import ShardingPlan
+
+    per_param = {
+        name: (table_wise(rank=ranks[0]) if sharding == "table_wise" else column_wise(ranks=ranks))
+        for name, ranks in tables.items()
+    }
+    module_plan = construct_module_sharding_plan(
+        ebc, per_param, local_size=world_size, world_size=world_size, device_type=device_type
+    )
+    return ShardingPlan({"ebc": module_plan})
+
+
+# ---------------------------------------------------------------------------------------- the network
+
+
+def build_dist_net(cfg: CTRConfig) -> CTRNet:
+    """The single-process network with a meta-device ``EmbeddingBagCollection`` (sharded later).
+
+    The dense part is built exactly as :func:`models.ctr.model.build_net` builds it (same seed, same
+    order), so its initial weights equal the single-process learner's.
+    """
+    check_supported(cfg)
+    torch.manual_seed(cfg.seed)
+    dims = cfg.field_dims()
+    n_f = len(cfg.fields)
+    backbone = build_backbone(
+        cfg.backbone, n_f, max(dims), sum(dims), len(cfg.numeric), cfg.hidden, cfg.cross_layers, cfg.cross_low_rank
+    )
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(name=f"t_{f.name}", embedding_dim=d, num_embeddings=f.capacity, feature_names=[f.name])
+            for f, d in zip(cfg.fields, dims)
+        ],
+        device=torch.device("meta"),
+    )
+    opt_cls = {"rowwise_adagrad": torchrec.optim.RowWiseAdagrad, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    apply_optimizer_in_backward(opt_cls[cfg.emb_optimizer], ebc.parameters(), {"lr": cfg.emb_lr})
+    return CTRNet(ebc, backbone, [f.name for f in cfg.fields], dims, len(cfg.numeric), "off", cfg.fp_use, None)
+
+
+def _split(n: int, world: int, rank: int) -> np.ndarray:
+    """Row positions of ``rank``'s slice of an ``n``-row global batch (contiguous, sizes differ by ≤ 1)."""
+    edges = np.linspace(0, n, world + 1).round().astype(int)
+    return np.arange(edges[rank], edges[rank + 1])
+
+
+def _padded(idx: np.ndarray, width: int) -> np.ndarray:
+    """``idx`` padded to ``width`` by repeating its last element (or row 0 when empty)."""
+    if len(idx) == width:
+        return idx
+    fill = idx[-1] if len(idx) else 0
+    return np.concatenate([idx, np.full(width - len(idx), fill, dtype=idx.dtype)])
+
+
+@dataclass
+class _Local:
+    inp: ModelInput
+    n_valid: int  # rows beyond n_valid are padding (every rank runs the same local batch size)
+
+
+class DistCTRLearner:
+    """One rank's part of a CTR learner under DMP. Every rank must call the same methods with the
+    same global batches, in the same order (they contain collectives).
+
+    Args:
+        config: the model configuration (see :func:`check_supported`).
+        sharding: ``table_wise`` or ``column_wise`` (:func:`plan_tables`).
+        process_group: an initialised group (default: the default group).
+        device: ``cpu`` (gloo) or this rank's ``cuda:<local rank>`` (nccl).
+    """
+
+    def __init__(
+        self,
+        config: CTRConfig,
+        sharding: str = "table_wise",
+        process_group: Any = None,
+        device: torch.device | None = None,
+    ) -> None:
+        from torchrec.distributed.model_parallel import DistributedModelParallel
+        from torchrec.distributed.types import ShardingEnv
+        from torchrec.optim.keyed import KeyedOptimizerWrapper
+        from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+        if not dist.is_initialized():
+            raise RuntimeError("DistCTRLearner needs an initialised torch.distributed process group")
+        check_supported(config)
+        self.config = config
+        self.sharding = sharding
+        self.device = device or torch.device("cpu")
+        self.pg = process_group or dist.group.WORLD
+        self.rank = dist.get_rank(self.pg)
+        self.world = dist.get_world_size(self.pg)
+        self.fields = [f.name for f in config.fields]
+        self.mappers = [IdMapper(f.capacity, f.admission, f.ttl, f.mapper) for f in config.fields]
+        self.standardizer = RunningStandardizer(len(config.numeric))
+        self.tables = plan_tables(config, self.world, sharding)
+        net = build_dist_net(config)
+        plan = _torchrec_plan(net.ebc, self.tables, self.world, sharding, self.device.type)
+        torch.manual_seed(config.seed * 1000 + self.rank)  # table init of this rank's shards
+        self.model = DistributedModelParallel(
+            net, env=ShardingEnv.from_process_group(self.pg), device=self.device, plan=plan
+        )
+        params = dict(in_backward_optimizer_filter(self.model.named_parameters()))
+        if config.dense_optimizer == "adam":
+            self.dense_opt = KeyedOptimizerWrapper(params, lambda ps: torch.optim.Adam(ps, lr=config.dense_lr))
+        else:
+            self.dense_opt = KeyedOptimizerWrapper(params, lambda ps: torch.optim.Adagrad(ps, lr=config.dense_lr))
+        self.windows_trained = 0
+        self.seen_max_index = -1
+        self.seen_max_time = float("-inf")
+        self.prior_max_index = -1  # no prior statistics under DMP (fp=off)
+        self.local_examples = 0
+
+    # ------------------------------------------------------------------ introspection
+    def local_shards(self) -> dict[str, list[list[int]]]:
+        """The embedding shards this rank really holds: ``{table: [[rows, cols], ...]}``."""
+        out: dict[str, list[list[int]]] = {}
+        for key, t in self.model.state_dict().items():
+            if not key.endswith(".weight") or ".embedding_bags." not in key or not hasattr(t, "local_shards"):
+                continue
+            table = key.split(".embedding_bags.")[1].split(".")[0]
+            shards = [list(s.tensor.shape) for s in t.local_shards() if s.tensor.numel() > 0]
+            if shards:
+                out[table] = shards
+        return out
+
+    def dense_param_count(self) -> int:
+        return sum(p.numel() for _, p in in_backward_filter(self.model))
+
+    # ------------------------------------------------------------------ encoding
+    def _encode_global(self, raw: RawBatch, train: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row ids, value counts (before this batch) and standardised dense of the whole batch."""
+        rows = np.empty((len(raw), len(self.fields)), dtype=np.int64)
+        counts = np.empty_like(rows)
+        for fi, (f, m) in enumerate(zip(self.fields, self.mappers)):
+            if train:
+                r, _fresh = m.observe(raw.cats[f], raw.times)  # fresh rows were never used (no ttl)
+                occ = np.bincount(r, minlength=m.capacity)[r]
+                counts[:, fi] = m.counts[r] - occ
+            else:
+                r = m.lookup(raw.cats[f])
+                counts[:, fi] = m.counts[r]
+            rows[:, fi] = r
+        if train:
+            self.standardizer.update(raw.dense)
+        return rows, counts, self.standardizer.transform(raw.dense)
+
+    def _local(self, raw: RawBatch, train: bool) -> _Local:
+        rows, counts, dense = self._encode_global(raw, train)
+        n = len(raw)
+        mine = _split(n, self.world, self.rank)
+        width = max(1, -(-n // self.world))
+        idx = _padded(mine, width)
+        dev = self.device
+        inp = ModelInput(
+            kjt=make_kjt(self.fields, rows[idx]).to(dev),
+            rows=torch.from_numpy(rows[idx]).to(dev),
+            dense=torch.from_numpy(np.ascontiguousarray(dense[idx])).to(dev),
+            labels=torch.from_numpy(np.ascontiguousarray(raw.labels[idx], dtype=np.float32)).to(dev),
+            value_counts=torch.from_numpy(counts[idx]).to(dev),
+        )
+        return _Local(inp, len(mine))
+
+    # ------------------------------------------------------------------ forward / loss
+    def _logits(self, inp: ModelInput) -> torch.Tensor:
+        self.model.eval()
+        with torch.no_grad():
+            z = self.model(inp)[0]
+        self.model.train()
+        return z
+
+    def _needs_prev(self) -> bool:
+        return self.config.mp in ("posterior", "kl") or self.config.distill_weight > 0
+
+    def _main_loss(self, z: torch.Tensor, inp: ModelInput, z_prev: torch.Tensor | None) -> torch.Tensor:
+        """Same rules as ``CTRLearner._main_loss`` (without the logit chain)."""
+        cfg, y = self.config, inp.labels
+        if z_prev is None:
+            return bce(z, y)
+        if cfg.mp in ("posterior", "kl"):
+            lam: float | torch.Tensor = cfg.mp_lambda
+            if cfg.mp_lambda_mode == "count":
+                assert inp.value_counts is not None
+                lam = count_strength(cfg.mp_lambda, inp.value_counts, cfg.mp_count_n0)
+            return mp_posterior_loss(z, y, z_prev, lam) if cfg.mp == "posterior" else mp_kl_loss(z, y, z_prev, lam)
+        if cfg.distill_weight > 0:
+            return distill_loss(z, y, z_prev, cfg.distill_weight, cfg.distill_temperature)
+        return bce(z, y)
+
+    def _step(self, loc: _Local, z_prev: torch.Tensor | None) -> float:
+        z = self.model(loc.inp)[0]
+        k = loc.n_valid
+        inp = loc.inp
+        if k < len(z):  # drop the padding rows from the loss (they get no gradient)
+            inp = replace(inp, labels=inp.labels[:k], value_counts=inp.value_counts[:k] if inp.value_counts is not None else None)
+            z = z[:k]
+            z_prev = z_prev[:k] if z_prev is not None else None
+        # a rank without rows (a global batch smaller than the world) still takes part in the collectives
+        loss = self._main_loss(z, inp, z_prev) if k > 0 else z.sum() * 0.0
+        self.dense_opt.zero_grad(set_to_none=True)
+        loss.backward()  # all-to-all + fused embedding update; DDP all-reduce of dense gradients
+        self.dense_opt.step()
+        return float(loss.detach())
+
+    # ------------------------------------------------------------------ public API
+    def train_window(
+        self, batches: Sequence[RawBatch], epochs: int | None = None, shuffle_seed: int | None = None
+    ) -> dict[str, Any]:
+        """Trains on one window of *global* batches (the same list on every rank).
+
+        With the Model Prior or distillation (after the first window) the prior logits of every
+        local batch are computed first, by the model as it is at the start of the window.
+        """
+        t0 = time.perf_counter()
+        epochs = epochs or self.config.epochs
+        batches = [b for b in batches if len(b)]
+        use_prev = self._needs_prev() and self.windows_trained > 0
+        encoded = [self._local(b, train=True) for b in batches]
+        for b in batches:
+            self.seen_max_index = max(self.seen_max_index, int(b.index.max()))
+            self.seen_max_time = max(self.seen_max_time, float(b.times.max()))
+        prev = [self._logits(loc.inp) for loc in encoded] if use_prev else [None] * len(encoded)
+        losses: list[float] = []
+        rng = np.random.default_rng(shuffle_seed)
+        for e in range(epochs):
+            order = rng.permutation(len(encoded)) if (e > 0 and shuffle_seed is not None) else range(len(encoded))
+            for i in order:
+                losses.append(self._step(encoded[i], prev[i]))
+                self.local_examples += encoded[i].n_valid
+        self.windows_trained += 1
+        return {
+            "batches": len(losses),
+            "local_examples": sum(loc.n_valid for loc in encoded),
+            "loss_mean": float(np.mean(losses)) if losses else float("nan"),
+            "used_prior_model": use_prev,
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def predict(self, raw: RawBatch, batch_size: int = 4096) -> np.ndarray:
+        """Click probabilities for all rows of ``raw`` (the same on every rank). Read-only lookups."""
+        out = []
+        for b in iter_batches(raw, batch_size):
+            loc = self._local(b, train=False)
+            z = self._logits(loc.inp)
+            gathered = [torch.empty_like(z) for _ in range(self.world)]
+            dist.all_gather(gathered, z.contiguous(), group=self.pg)
+            n = len(b)
+            parts = [g[: len(_split(n, self.world, r))] for r, g in enumerate(gathered)]
+            out.append(torch.cat(parts).cpu().numpy())
+        z_all = np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+        return 1.0 / (1.0 + np.exp(-z_all.astype(np.float64)))
+
+
+def in_backward_filter(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """Parameters not updated inside backward (the dense, data-parallel ones)."""
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    return in_backward_optimizer_filter(model.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------- protocol
+
+
+def check_strategies(strategies: Sequence[str]) -> None:
+    bad = [s for s in strategies if s not in DIST_STRATEGIES]
+    if bad or not strategies:
+        raise DistConfigError(
+            f"strategies {bad or list(strategies)} are not supported under DMP; choose from {', '.join(DIST_STRATEGIES)}"
+        )
+
+
+def run_dist_protocol(
+    df: pd.DataFrame,
+    cols: Columns,
+    ec: EvalConfig,
+    sharding: str = "table_wise",
+    progress: Callable[[str], None] | None = None,
+    device: torch.device | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """The protocol of :func:`models.evaluation.run_protocol` (strategies ``finetune``,
+    ``distill``, ``ddp-mp``) on every rank of the job.
+
+    Every rank gets the whole (time-sorted, :func:`models.evaluation.prepare_frame`) frame; each
+    global batch is mapped identically on every rank and split between the ranks. Returns
+    ``(report, audit, dist_info)``: the report has the same shape as ``run_protocol``'s;
+    ``dist_info`` holds the world size, the plan and per-rank facts (shards really held,
+    examples trained, dense parameter count) gathered from all ranks. Identical on every rank.
+    """
+    ec.validate()
+    check_strategies(ec.strategies)
+    raw = raw_from_frame(df, cols.categorical, cols.numeric, cols.label, cols.time)
+    bounds = period_bounds(len(raw), ec.periods)
+    parts = [raw.slice(lo, hi) for lo, hi in bounds]
+    k = ec.warm_start
+    eval_periods = list(range(k + 1, ec.periods))
+    audit: list[dict[str, Any]] = []
+    per: dict[str, dict[str, list[list[float]]]] = {s: {"auc": [], "logloss": [], "secs": []} for s in ec.strategies}
+    ranks_info: dict[str, Any] = {}
+    world = dist.get_world_size()
+    tables: dict[str, list[int]] = {}
+    for s_i in range(ec.seeds):
+        seed = ec.base_seed + s_i
+        for name in ec.strategies:
+            cfg = strategy_config(name, ec, cols, seed)
+            t_build = time.perf_counter()
+            learner = DistCTRLearner(cfg, sharding, device=device)
+            tables = learner.tables
+            build_s = time.perf_counter() - t_build
+            aucs, lls, secs = [], [], 0.0
+            t0 = time.perf_counter()
+            learner.train_window(list(iter_batches(concat(parts[:k]), ec.batch_size, shuffle_seed=seed)), shuffle_seed=seed)
+            secs += time.perf_counter() - t0
+            for t in range(k, ec.periods - 1):
+                t0 = time.perf_counter()
+                learner.train_window(list(iter_batches(parts[t], ec.batch_size, shuffle_seed=seed)), shuffle_seed=seed)
+                secs += time.perf_counter() - t0
+                rec = _check_hygiene(learner, bounds[t + 1][0], f"{name}/seed {seed}/period {t + 1}")  # type: ignore[arg-type]
+                probs = learner.predict(parts[t + 1], max(ec.batch_size, 4096))
+                a, ll = auc(parts[t + 1].labels, probs), logloss(parts[t + 1].labels, probs)
+                aucs.append(a)
+                lls.append(ll)
+                audit.append({"strategy": name, "seed": seed, "period": t + 1, **rec, "auc": a, "logloss": ll})
+                if progress:
+                    progress(f"{name} seed {seed} period {t + 1}: auc {a:.4f} logloss {ll:.4f}")
+            per[name]["auc"].append(aucs)
+            per[name]["logloss"].append(lls)
+            per[name]["secs"].append([secs])
+            mine = {
+                "rank": learner.rank,
+                "shards": learner.local_shards(),
+                "local_examples": learner.local_examples,
+                "dense_params": learner.dense_param_count(),
+                "build_seconds": build_s,
+                "train_seconds": secs,
+            }
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, mine)
+            ranks_info[f"{name}/seed{seed}"] = gathered
+            del learner
+    info = {"world_size": world, "sharding": sharding, "tables": tables, "ranks": ranks_info}
+    return _report(eval_periods, per), audit, info
