@@ -59,6 +59,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--nproc", type=int, default=2, help="processes (ranks) on this machine")
     p.add_argument("--sharding", choices=["table_wise", "column_wise"], default="table_wise",
                    help="how embedding tables are spread over the ranks")
+    p.add_argument("--planner", choices=["manual", "torchrec"], default="manual",
+                   help="manual: largest tables first onto the least-loaded rank (column_wise: every table over "
+                   "all ranks); torchrec: TorchRec's EmbeddingShardingPlanner limited to --sharding")
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo", help="gloo = CPU, nccl = one GPU per rank")
     p.add_argument("--data", required=True, metavar="FILE", help="CSV or Parquet file, one example per row")
     p.add_argument("--time-col", required=True, metavar="COL", help="event time (number or date/time)")
@@ -95,6 +98,7 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
         "out": str(Path(args.out).resolve()),
         "backend": args.backend,
         "sharding": args.sharding,
+        "planner": args.planner,
         "threads": max(1, args.threads),
         "columns": {
             "time": args.time_col,
@@ -220,12 +224,19 @@ def format_periods(report: dict[str, Any]) -> str:
         )
     d = report["dist"]
     lines.append(
-        f"world size {d['world_size']}, {d['sharding']}, tables {d['tables']}, wall {d.get('wall_seconds', 0):.1f} s"
+        f"world size {d['world_size']}, {d['sharding']} ({d.get('planner', 'manual')} plan), tables {d['tables']}, wall {d.get('wall_seconds', 0):.1f} s"
     )
     return "\n".join(lines)
 
 
+def _quiet_library_logs() -> None:
+    """fbgemm logs one INFO line per library it loads and per table batch it builds."""
+    for h in logging.getLogger().handlers:
+        h.addFilter(lambda r: not str(r.msg).startswith(("[TBE=", "Successfully loaded")))
+
+
 def run(args: argparse.Namespace) -> int:
+    _quiet_library_logs()
     spec = _spec(args)
     spec["nproc"] = args.nproc
     check_spec(spec)
@@ -261,9 +272,9 @@ def worker(spec_path: str) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
     )
-    for h in logging.getLogger().handlers:  # fbgemm logs one INFO line per table batch it builds
-        h.addFilter(lambda r: not str(r.msg).startswith("[TBE="))
+    _quiet_library_logs()
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # an fx deprecation note per rank
+    logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)  # Topology/estimate notes
     device = torch.device("cpu")
     if spec["backend"] == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -279,6 +290,7 @@ def worker(spec_path: str) -> int:
             spec["sharding"],
             progress=(lambda msg: log.info("%s", msg)) if rank == 0 else None,
             device=device,
+            planner=spec.get("planner", "manual"),
         )
         info["protocol_seconds"] = time.perf_counter() - t0
         info["backend"] = spec["backend"]

@@ -33,10 +33,12 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _train_dist(data: Path, out: Path, nproc: int, sharding: str, strategies: str) -> dict[str, Any]:
+def _train_dist(
+    data: Path, out: Path, nproc: int, sharding: str, strategies: str, planner: str = "manual"
+) -> dict[str, Any]:
     from adstream.cli import main
 
-    rc = main(["train-dist", "--nproc", str(nproc), "--sharding", sharding, "--backend", "gloo",
+    rc = main(["train-dist", "--nproc", str(nproc), "--sharding", sharding, "--planner", planner, "--backend", "gloo",
                "--data", str(data), "--strategies", strategies, "--out", str(out), *ARGS])  # fmt: skip
     assert rc == 0
     return json.loads((out / "report.json").read_text())
@@ -90,8 +92,10 @@ def test_two_processes_table_wise_match_one(data_file: Path, one_proc: dict[str,
 
 
 @pytest.mark.slow
-def test_two_processes_column_wise(data_file: Path, one_proc: dict[str, Any], tmp_path: Path) -> None:
-    two = _train_dist(data_file, tmp_path, 2, "column_wise", "finetune")
+def test_two_processes_column_wise_torchrec_planner(data_file: Path, one_proc: dict[str, Any], tmp_path: Path) -> None:
+    two = _train_dist(data_file, tmp_path, 2, "column_wise", "finetune", planner="torchrec")
+    assert two["dist"]["planner"] == "torchrec"
+    assert two["dist"]["tables"] == {"t_ad": [0, 1], "t_user": [0, 1]}
     a1, a2 = _mean_auc(one_proc, "finetune"), _mean_auc(two, "finetune")
     assert a2 > 0.6 and abs(a1 - a2) < 0.02, (a1, a2)
     ranks = two["dist"]["ranks"]["finetune/seed0"]

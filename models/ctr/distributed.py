@@ -60,6 +60,7 @@ from models.evaluation import Columns, EvalConfig, _check_hygiene, _report, peri
 log = logging.getLogger(__name__)
 
 SHARDINGS = ("table_wise", "column_wise")
+PLANNERS = ("manual", "torchrec")
 DIST_STRATEGIES = ("finetune", "distill", "ddp-mp")
 
 
@@ -130,6 +131,29 @@ def _torchrec_plan(
     return ShardingPlan({"ebc": module_plan})
 
 
+def _planner_plan(net: CTRNet, cfg: CTRConfig, world_size: int, sharding: str, device_type: str, pg: Any) -> Any:
+    """TorchRec's ``EmbeddingShardingPlanner`` restricted to one sharding type (a collective call)."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+
+    constraints = {
+        f"t_{f.name}": ParameterConstraints(
+            sharding_types=[sharding],
+            # let column-wise use every rank: shards of dim / world_size columns
+            min_partition=max(1, d // world_size) if sharding == "column_wise" else None,
+        )
+        for f, d in zip(cfg.fields, cfg.field_dims())
+    }
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world_size, compute_device=device_type),
+        constraints=constraints,
+        # keep 15 % of each rank's memory for the dense part (the heuristic default over-estimates it)
+        storage_reservation=FixedPercentageStorageReservation(0.15),
+    )
+    return planner.collective_plan(net, [EmbeddingBagCollectionSharder()], pg)
+
+
 # ---------------------------------------------------------------------------------------- the network
 
 
@@ -186,7 +210,10 @@ class DistCTRLearner:
 
     Args:
         config: the model configuration (see :func:`check_supported`).
-        sharding: ``table_wise`` or ``column_wise`` (:func:`plan_tables`).
+        sharding: ``table_wise`` or ``column_wise``.
+        planner: ``manual`` (:func:`plan_tables`: deterministic, balanced by table size) or
+            ``torchrec`` (TorchRec's ``EmbeddingShardingPlanner`` with a ``Topology`` of this
+            world and device, constrained to ``sharding``).
         process_group: an initialised group (default: the default group).
         device: ``cpu`` (gloo) or this rank's ``cuda:<local rank>`` (nccl).
     """
@@ -197,6 +224,7 @@ class DistCTRLearner:
         sharding: str = "table_wise",
         process_group: Any = None,
         device: torch.device | None = None,
+        planner: str = "manual",
     ) -> None:
         from torchrec.distributed.model_parallel import DistributedModelParallel
         from torchrec.distributed.types import ShardingEnv
@@ -215,9 +243,16 @@ class DistCTRLearner:
         self.fields = [f.name for f in config.fields]
         self.mappers = [IdMapper(f.capacity, f.admission, f.ttl, f.mapper) for f in config.fields]
         self.standardizer = RunningStandardizer(len(config.numeric))
-        self.tables = plan_tables(config, self.world, sharding)
+        if planner not in PLANNERS:
+            raise DistConfigError(f"planner must be one of {PLANNERS}, not {planner!r}")
+        self.planner = planner
+        self.tables = plan_tables(config, self.world, sharding)  # also validates the sharding
         net = build_dist_net(config)
-        plan = _torchrec_plan(net.ebc, self.tables, self.world, sharding, self.device.type)
+        if planner == "torchrec":
+            plan = _planner_plan(net, config, self.world, sharding, self.device.type, self.pg)
+            self.tables = {t: list(ps.ranks or []) for t, ps in plan.plan["ebc"].items()}
+        else:
+            plan = _torchrec_plan(net.ebc, self.tables, self.world, sharding, self.device.type)
         torch.manual_seed(config.seed * 1000 + self.rank)  # table init of this rank's shards
         self.model = DistributedModelParallel(
             net, env=ShardingEnv.from_process_group(self.pg), device=self.device, plan=plan
@@ -398,6 +433,7 @@ def run_dist_protocol(
     sharding: str = "table_wise",
     progress: Callable[[str], None] | None = None,
     device: torch.device | None = None,
+    planner: str = "manual",
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """The protocol of :func:`models.evaluation.run_protocol` (strategies ``finetune``,
     ``distill``, ``ddp-mp``) on every rank of the job.
@@ -425,7 +461,7 @@ def run_dist_protocol(
         for name in ec.strategies:
             cfg = strategy_config(name, ec, cols, seed)
             t_build = time.perf_counter()
-            learner = DistCTRLearner(cfg, sharding, device=device)
+            learner = DistCTRLearner(cfg, sharding, device=device, planner=planner)
             tables = learner.tables
             build_s = time.perf_counter() - t_build
             aucs, lls, secs = [], [], 0.0
@@ -459,5 +495,5 @@ def run_dist_protocol(
             dist.all_gather_object(gathered, mine)
             ranks_info[f"{name}/seed{seed}"] = gathered
             del learner
-    info = {"world_size": world, "sharding": sharding, "tables": tables, "ranks": ranks_info}
+    info = {"world_size": world, "sharding": sharding, "planner": planner, "tables": tables, "ranks": ranks_info}
     return _report(eval_periods, per), audit, info
