@@ -66,6 +66,10 @@ class FeatureSettings(BaseModel):
     ctr_prior_strength: float = 20.0  # pseudo-impressions for the smoothed CTR
     flush_interval_s: float = 0.5
     checkpoint_dir: Path = Path(".adstream/feature_updater")
+    # Redis online store: read and write Feast's Redis layout directly (features/redis_online.py);
+    # False = every online read/write goes through Feast's provider
+    fast_path: bool = True
+    redis_timeout_s: float = Field(2.0, gt=0)  # socket timeout of the fast path's Redis client
 
     @field_validator("half_lives_s")
     @classmethod

@@ -10,6 +10,10 @@
 * :meth:`read` / :meth:`read_for_request` return plain dicts, with the smoothed CTR per half-life
   computed from the row and its entity type's field row (:func:`features.aggregates.smoothed_ctr`).
 * :meth:`historical` builds point-in-time training sets from the offline history.
+* With the Redis online store (and ``features.fast_path``, the default) online reads and writes go
+  through :class:`features.redis_online.RedisFeatureIO`, which reads and writes Feast's own Redis
+  layout directly (Feast reads the same rows); newest-event-time-wins is then checked inside Redis.
+* An unreachable online store raises :class:`FeatureStoreUnavailable` from reads and pushes.
 
 The offline history is an append-only directory of parquet files per feature view. Feast's file
 store would rewrite the whole file on every push (``DaskOfflineStore.offline_write_batch``), which
@@ -28,7 +32,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from core.errors import ConfigError
+from core.errors import AdstreamError, ConfigError
 from core.settings import FeatureSettings
 from features import repo as feast_repo
 from features.aggregates import (
@@ -56,6 +60,25 @@ def _quiet_feast() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="dask")
     for name in ("feast", "feast.infra", "feast.feature_store"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class FeatureStoreUnavailable(AdstreamError):
+    """The online store cannot be reached (connection refused, timeout). Callers may retry later or
+    serve without features; the message names the store and the cause."""
+
+
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    errs: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        import redis.exceptions as rex
+
+        errs += [rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError]
+    except ImportError:  # pragma: no cover - redis is a base requirement
+        pass
+    return tuple(errs)
+
+
+_UNAVAILABLE = _unavailable_errors()
 
 
 class FeatureStoreClient:
@@ -87,6 +110,25 @@ class FeatureStoreClient:
         except Exception as e:
             raise ConfigError(f"the Feast repository {self.repo_dir} has no adstream feature views "
                               f"(run `adstream features apply`): {e}") from e
+        self._fast = None
+        if settings.online_store == "redis" and settings.fast_path:
+            from features.redis_online import RedisFeatureIO
+
+            self._fast = RedisFeatureIO(
+                settings.redis_url, self.store.config.project,
+                {e: (feast_repo.view_name(e), JOIN_KEYS[e]) for e in ENTITY_TYPES}, self.schema,
+                timeout_s=settings.redis_timeout_s)
+
+    @property
+    def fast_path(self) -> bool:
+        """True when online reads and writes bypass Feast's provider (Redis + ``fast_path``)."""
+        return self._fast is not None
+
+    def _unavailable(self, e: BaseException) -> FeatureStoreUnavailable:
+        where = (f"redis at {self.settings.redis_url}" if self.settings.online_store == "redis"
+                 else f"sqlite in {self.repo_dir}")
+        return FeatureStoreUnavailable(f"online feature store ({where}) unavailable: "
+                                       f"{type(e).__name__}: {e}")
 
     # ---- repository ----------------------------------------------------------------------------
     def materialise(self) -> None:
@@ -133,8 +175,14 @@ class FeatureStoreClient:
             raise ValueError(f"to must be one of {PUSH_TARGETS}, got {to!r}")
         written: dict[str, int] = {}
         if to in ("online", "online_and_offline"):
-            for etype, cols in rows_by_entity_type.items():
-                written[etype] = self._write_online(etype, self._newest_only(etype, cols))
+            try:
+                if self._fast is not None:  # newest-event-time-wins is checked inside Redis
+                    written = self._fast.write(rows_by_entity_type)
+                else:
+                    for etype, cols in rows_by_entity_type.items():
+                        written[etype] = self._write_online(etype, self._newest_only(etype, cols))
+            except _UNAVAILABLE as e:
+                raise self._unavailable(e) from e
         if to in ("offline", "online_and_offline"):
             self.write_history(rows_by_entity_type, part)
         return written
@@ -233,9 +281,16 @@ class FeatureStoreClient:
 
         feats = list(features or self.feature_names)
         uniq = list(dict.fromkeys(keys))
+        if self._fast is not None:
+            return {k: ({f: row.get(f) for f in feats} if row else dict.fromkeys(feats))
+                    for k, row in self._read_fast([(etype, uniq)])[0].items()}
         jk = [JOIN_KEYS[etype]]
         eks = [EntityKey(join_keys=jk, entity_values=[Value(string_val=k)]) for k in uniq]
-        res = self._provider.online_read(self.store.config, self._views[etype], eks, feats)
+        try:
+            # a copy: Feast's Redis store appends its `_ts:<view>` field to the list it is given
+            res = self._provider.online_read(self.store.config, self._views[etype], eks, list(feats))
+        except _UNAVAILABLE as e:
+            raise self._unavailable(e) from e
         out: dict[str, dict[str, Any]] = {}
         for k, (_ts, values) in zip(uniq, res):
             row: dict[str, Any] = dict.fromkeys(feats)
@@ -248,12 +303,25 @@ class FeatureStoreClient:
             out[k] = row
         return out
 
-    def _with_ctr(self, row: dict[str, Any], field: dict[str, Any]) -> dict[str, Any]:
+    def _read_fast(self, requests):
+        try:
+            return self._fast.read(requests)
+        except _UNAVAILABLE as e:
+            raise self._unavailable(e) from e
+
+    def _ctr_terms(self, field: dict[str, Any]) -> list[tuple[str, str, str, float]]:
+        """Per half-life ``(ctr column, clk column, imp column, prior mean)`` from a field row."""
+        return [(f"ctr_{t}", f"clk_{t}", f"imp_{t}",
+                 prior_mean(field.get(f"clk_{t}") or 0.0, field.get(f"imp_{t}") or 0.0))
+                for t in self.tags]
+
+    def _with_ctr(self, row: dict[str, Any], field: dict[str, Any],
+                  terms: list[tuple[str, str, str, float]] | None = None) -> dict[str, Any]:
+        """Add ``ctr_<tag>`` (:func:`features.aggregates.smoothed_ctr`) to ``row``, in place."""
         k = self.settings.ctr_prior_strength
-        for tag in self.tags:
-            p0 = prior_mean(field.get(f"clk_{tag}") or 0.0, field.get(f"imp_{tag}") or 0.0)
-            row[f"ctr_{tag}"] = smoothed_ctr(row.get(f"clk_{tag}") or 0.0,
-                                             row.get(f"imp_{tag}") or 0.0, p0, k)
+        for name, clk, imp, p0 in terms if terms is not None else self._ctr_terms(field):
+            den = (row.get(imp) or 0.0) + k  # smoothed_ctr, inlined (runs for every row read)
+            row[name] = ((row.get(clk) or 0.0) + k * p0) / den if den > 0 else p0
         return row
 
     def read(self, entity_type: str, keys: Iterable[str], features: Sequence[str] | None = None
@@ -293,13 +361,21 @@ class FeatureStoreClient:
                     raise ValueError(f"{etype} list has {len(vals)} items for {n} ads")
                 per_ad[etype] = list(vals)
         singles = {"user": user_id, **({"query": query} if query else {})}
-        raw = {e: self._read_raw(e, [k, FIELD_KEY]) for e, k in singles.items()}
-        raw.update({e: self._read_raw(e, [*vals, FIELD_KEY]) for e, vals in per_ad.items()})
+        wanted = [*((e, [k, FIELD_KEY]) for e, k in singles.items()),
+                  *((e, [*vals, FIELD_KEY]) for e, vals in per_ad.items())]
+        if self._fast is not None:  # every view in one round trip
+            empty = dict.fromkeys(self.feature_names)
+            raw = {e: {k: r or empty for k, r in got.items()}
+                   for (e, _), got in zip(wanted, self._read_fast(wanted))}
+        else:
+            raw = {e: self._read_raw(e, keys) for e, keys in wanted}
         out: dict[str, Any] = {e: self._with_ctr(dict(raw[e][k]), raw[e][FIELD_KEY])
                                for e, k in singles.items()}
         out.setdefault("query", None)
+        terms = {e: self._ctr_terms(raw[e][FIELD_KEY]) for e in per_ad}
         out["ads"] = [
-            {e: self._with_ctr(dict(raw[e][vals[i]]), raw[e][FIELD_KEY]) for e, vals in per_ad.items()}
+            {e: self._with_ctr(dict(raw[e][vals[i]]), raw[e][FIELD_KEY], terms[e])
+             for e, vals in per_ad.items()}
             for i in range(n)
         ]
         return out

@@ -16,21 +16,26 @@ HL = [60.0, 3600.0]
 T0 = 1_700_000_000.0
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("redis-feast", marks=pytest.mark.redis)])
 def client(request, tmp_path):
+    """sqlite; Redis through the fast path (``features.redis_online``); Redis through Feast."""
     from features.store import FeatureStoreClient
 
-    if request.param == "redis":
+    if request.param.startswith("redis"):
         redis = request.getfixturevalue("redis_server")
         import redis as redis_py
 
         host, port = redis.address.rsplit(":", 1)
         redis_py.Redis(host=host, port=int(port)).flushall()  # shared server: start from empty
         settings = FeatureSettings(repo_dir=tmp_path / "repo", online_store="redis",
-                                   redis_url=redis.address, half_lives_s=HL)
+                                   redis_url=redis.address, half_lives_s=HL,
+                                   fast_path=request.param == "redis")
     else:
         settings = FeatureSettings(repo_dir=tmp_path / "repo", half_lives_s=HL)
-    return FeatureStoreClient(settings)
+    c = FeatureStoreClient(settings)
+    assert c.fast_path == (request.param == "redis")
+    return c
 
 
 def imp(i, t, user="u1", ad="a1"):
