@@ -121,6 +121,22 @@ class ServeSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8080
     admin_token: str | None = None  # admin endpoints are refused while this is unset
+    registry_dir: Path = Path(".adstream/registry")
+    model_name: str = "ctr"
+    model_poll_s: float = Field(1.0, gt=0)  # how often the loader looks at the registry's LATEST
+    domains: list[str] = ["search"]  # a request naming another domain is refused (422)
+    max_slots: int = Field(10, ge=1, le=100)
+    max_candidates: int = Field(200, ge=1)
+    max_body_bytes: int = Field(16 * 1024, ge=256)
+    parallel_ranking: bool = True  # Peri-CR: the creative ranker runs beside the ad ranker
+    ad_ranker_creative: str = Field("first", pattern="^(first|none)$")  # creative id the ad ranker sees
+    ranking_position: int = Field(0, ge=0)  # position the ad ranker predicts at (position-normalised)
+    default_ctr: float = Field(0.02, gt=0, lt=1)  # CTR used when neither model nor store knows better
+    creative_prior_strength: float = Field(20.0, ge=0)  # Beta pseudo-impressions toward the ad's CTR
+    feature_timeout_s: float = Field(0.1, gt=0)  # a feature read slower than this is given up (degraded)
+    feature_retry_s: float = Field(1.0, ge=0)  # after a failed feature read, skip the store this long
+    impression_buffer: int = Field(100_000, ge=1)  # impression records held while the broker is slow
+    impression_timeout_ms: int = Field(30_000, ge=100)  # undelivered after this: dropped and counted
 
 
 class MetricsSettings(BaseModel):

@@ -1,0 +1,354 @@
+"""The HTTP API of the online ad service (FastAPI / ASGI).
+
+    POST /v1/ads                                   ranked ads with their creatives (see docs/online.md)
+    GET  /healthz  /readyz  /metrics               liveness, readiness, Prometheus metrics
+    POST /v1/admin/models/{name}/rollback          LATEST back to the previous version (bearer token)
+    POST /v1/admin/models/{name}/promote/{version} LATEST to a published version (bearer token)
+
+:func:`create_app` wires an :class:`~online.service.AdService` from parts the caller builds (the
+index, the feature store client, the event sink, the model loader); :func:`serve_in_thread` runs an
+app with uvicorn in a background thread (tests, demo, benchmarks).
+"""
+
+
+import hmac
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from typing_extensions import Annotated
+
+from core.ports import EventSink
+from core.settings import ServeSettings
+from models.registry import RegistryError
+from online.index import AdIndex
+from online.metrics import ServeMetrics
+from online.models import ModelLoader
+from online.service import AdRequestData, AdService
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "1"
+FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+ContextValue = StrictStr | StrictInt | FiniteFloat | StrictBool | None
+_ID = r"^[A-Za-z0-9_.:@/\-]+$"
+
+
+def request_model(settings: ServeSettings) -> type[BaseModel]:
+    """The request body schema, with this service's slot limit and domains in it."""
+    domains = tuple(settings.domains)
+    DomainT = Literal[domains]  # type: ignore[valid-type]
+
+    class AdRequest(BaseModel):
+        """One search result page asking for ads."""
+
+        model_config = ConfigDict(extra="forbid")
+        request_id: Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=_ID)] | None = Field(
+            None, description="Caller's id for the page (a new one is made when absent); clicks refer to it")
+        user_id: Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=_ID)]
+        query: Annotated[StrictStr, Field(min_length=1, max_length=512)]
+        slots: Annotated[StrictInt, Field(ge=1, le=settings.max_slots)] = Field(
+            description="How many ads to return (at most this many; fewer when fewer candidates match)")
+        domain: DomainT | None = Field(None, description=f"Traffic domain; default {domains[0]!r}")  # type: ignore[valid-type]
+        context: dict[Annotated[StrictStr, Field(max_length=64)], ContextValue] | None = Field(
+            None, max_length=32,
+            description="Free request context; a numeric 'event_time' (epoch s) stamps the impressions")
+
+        @field_validator("query")
+        @classmethod
+        def _not_blank(cls, v: str) -> str:
+            if not v.split():
+                raise ValueError("query must contain at least one word")
+            return v
+
+    return AdRequest
+
+
+class AdItem(BaseModel):
+    ad_id: str
+    creative_id: str
+    bidword: str
+    category: str
+    bid: float
+    pctr: float
+    ecpm: float = Field(description="pCTR x bid (ranking score)")
+    position: int = Field(description="0-based position on the page")
+
+
+class AdResponse(BaseModel):
+    request_id: str
+    ads: list[AdItem]
+    model_versions: dict[str, str]
+    degraded: list[str] = Field(description="components served from defaults: features, ctr_model, "
+                                            "query_understanding, impression_log")
+
+
+class AdminResult(BaseModel):
+    model: str
+    version: str | None
+    serving: str | None
+
+
+class BodyLimit:
+    """Refuses request bodies over ``limit`` bytes with 413 (by Content-Length, or while reading)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length":
+                try:
+                    too_big = int(v) > self.limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    return await _send_413(send, self.limit)
+        # no (or a lying) Content-Length: read the body here, bounded, and replay it to the app
+        chunks, seen = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            chunks.append(msg.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.limit:
+                return await _send_413(send, self.limit)
+            if not msg.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+
+        return await self.app(scope, replayed, send)
+
+
+async def _send_413(send, limit: int) -> None:
+    body = JSONResponse({"detail": f"request body larger than {limit} bytes"}).body
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(
+    settings: ServeSettings | None = None,
+    *,
+    registry_root: str | Path | None = None,
+    feature_store=None,
+    sink: EventSink | None = None,
+    index: AdIndex | None = None,
+    loader: ModelLoader | None = None,
+    impressions_topic: str = "impressions",
+    metrics: ServeMetrics | None = None,
+    ready_checks: Sequence[Callable[[], tuple[str, bool]]] = (),
+    start_loader: bool = True,
+    keep_stage_log: int = 0,
+    service_kwargs: dict[str, Any] | None = None,
+) -> FastAPI:
+    """Build the ASGI app. ``registry_root`` (default ``settings.registry_dir``) is watched for
+    ``settings.model_name`` unless a ``loader`` is given. ``ready_checks`` add ``(name, ok)`` items
+    to ``/readyz`` (e.g. the inventory feed caught up). The loader thread starts here
+    (``start_loader``) and stops with the app (lifespan) or with ``app.state.close()``."""
+    settings = settings or ServeSettings()
+    metrics = metrics or ServeMetrics()
+    index = index if index is not None else AdIndex()
+    if loader is None:
+        loader = ModelLoader(registry_root or settings.registry_dir, settings.model_name, settings.model_poll_s)
+    loader._on_swap = lambda old, new: metrics.model_swaps.labels(loader.name).inc()
+    service = AdService(settings, index=index, feature_store=feature_store, loader=loader, sink=sink,
+                        impressions_topic=impressions_topic, metrics=metrics,
+                        keep_stage_log=keep_stage_log, **(service_kwargs or {}))
+    if start_loader:
+        loader.refresh()  # a model that exists now is served from the first request
+        loader.start()
+
+    closed = threading.Event()
+
+    def close() -> None:
+        if not closed.is_set():
+            closed.set()
+            loader.stop()
+            service.close()
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        close()
+
+    app = FastAPI(
+        title="adstream ad service", version=API_VERSION, lifespan=lifespan,
+        description="Search-ads serving: query understanding, candidate ads from the live bidword index, "
+                    "Feast online features, ad CTR ranker and creative ranker in parallel (Peri-CR), "
+                    "eCPM = pCTR x bid. Every served ad is logged as an impression.",
+    )
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.state.service = service
+    app.state.loader = loader
+    app.state.index = index
+    app.state.metrics = metrics
+    app.state.settings = settings
+    app.state.close = close
+    AdRequest = request_model(settings)
+    bearer = HTTPBearer(auto_error=False)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        metrics.requests.labels("invalid").inc()
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _error(request: Request, exc: Exception):
+        metrics.requests.labels("error").inc()
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    @app.post("/v1/ads", response_model=AdResponse, summary="Ads for one search result page",
+              responses={413: {"description": "body too large"}, 422: {"description": "invalid request"}})
+    def post_ads(body: AdRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+        req = AdRequestData(user_id=body.user_id, query=body.query, slots=body.slots,
+                            domain=body.domain or settings.domains[0], request_id=body.request_id,
+                            context=body.context or {})
+        return service.handle(req)
+
+    @app.get("/healthz", summary="Liveness")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: model loader checked the registry, feature store loaded",
+             responses={503: {"description": "not ready"}})
+    def readyz() -> JSONResponse:
+        m = loader.current
+        checks = {"model_loader": loader.checked.is_set(), "feature_store": feature_store is not None}
+        for fn in ready_checks:
+            name, ok = fn()
+            checks[name] = bool(ok)
+        ready = all(checks.values())
+        body = {"ready": ready, "checks": checks,
+                "model": {"name": loader.name, "version": m.version if m else None,
+                          "last_error": loader.last_error},
+                "feature_store_healthy": service.features.healthy, "index_ads": len(index)}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    def metrics_endpoint() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        m = loader.current
+        age = loader.age_s()
+        metrics.model_age.labels(loader.name).set(age if math.isfinite(age) else -1)
+        metrics.model_version.labels(loader.name).set(_version_number(m.version) if m else 0)
+        if sink is not None:
+            metrics.impression_log_dropped.set(getattr(sink, "dropped", 0))
+            metrics.impression_log_pending.set(getattr(sink, "pending", 0))
+            metrics.impression_log_lag.set(getattr(sink, "last_latency_s", 0.0))
+        metrics.inventory_changes.set(index.changes_applied)
+        metrics.index_ads.set(len(index))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def admin(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        token = settings.admin_token
+        if creds is None:
+            raise HTTPException(401, "admin call needs 'Authorization: Bearer <token>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not token:
+            raise HTTPException(403, "admin calls are disabled (serve.admin_token is not set)")
+        if not hmac.compare_digest(creds.credentials.encode(), token.encode()):
+            raise HTTPException(403, "wrong admin token")
+
+    def _model(name: str) -> None:
+        if name != loader.name:
+            raise HTTPException(404, f"unknown model {name!r}; this service serves {loader.name!r}")
+
+    @app.post("/v1/admin/models/{name}/rollback", response_model=AdminResult, dependencies=[Depends(admin)],
+              summary="Point LATEST back at the previous version and serve it now",
+              responses={401: {"description": "no token"}, 403: {"description": "refused"},
+                         404: {"description": "unknown model"}, 409: {"description": "nothing to roll back to"}})
+    def rollback(name: str) -> dict[str, Any]:
+        _model(name)
+        try:
+            served = loader.rollback()
+        except RegistryError as e:
+            raise HTTPException(409, str(e)) from None
+        log.warning("admin: model %s rolled back to %s", name, loader.registry.latest())
+        return {"model": name, "version": loader.registry.latest(), "serving": served.version if served else None}
+
+    @app.post("/v1/admin/models/{name}/promote/{version}", response_model=AdminResult,
+              dependencies=[Depends(admin)], summary="Point LATEST at a published version and serve it now",
+              responses={401: {"description": "no token"}, 403: {"description": "refused"},
+                         404: {"description": "unknown model"}, 409: {"description": "unknown version"}})
+    def promote(name: str, version: str) -> dict[str, Any]:
+        _model(name)
+        try:
+            served = loader.promote(version)
+        except RegistryError as e:
+            raise HTTPException(409, str(e)) from None
+        log.warning("admin: model %s promoted to %s", name, version)
+        return {"model": name, "version": version, "serving": served.version if served else None}
+
+    return app
+
+
+def _version_number(version: str) -> int:
+    try:
+        return int(version.lstrip("v"))
+    except ValueError:
+        return -1
+
+
+@dataclass
+class RunningServer:
+    """An app served by uvicorn in a background thread; ``stop()`` shuts it down."""
+
+    url: str
+    host: str
+    port: int
+    server: Any
+    thread: threading.Thread
+    app: FastAPI
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+        close = getattr(self.app.state, "close", None)
+        if close is not None:
+            close()
+
+
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 20.0,
+                    log_level: str = "warning") -> RunningServer:
+    """Start uvicorn for ``app`` in a daemon thread; returns once it accepts connections
+    (``port=0`` picks a free port; the chosen one is in the result)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            lifespan="on", loop="asyncio")
+    server = uvicorn.Server(config)
+    t = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    t.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not t.is_alive():
+            raise RuntimeError(f"the server on {host}:{port} did not start (port in use?)")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the server on {host}:{port} did not start within {timeout_s:.0f}s")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    return RunningServer(f"http://{host}:{bound}", host, bound, server, t, app)

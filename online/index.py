@@ -1,0 +1,251 @@
+"""The online ad index and the baseline query understanding.
+
+:class:`AdIndex` holds, per ad, its bidwords with bids (from ``BidwordChange`` events on the
+``bidword-inventory`` topic), its category and its creatives (a catalog: creatives do not travel on
+the inventory topic). It answers :meth:`AdIndex.candidates` for a query:
+
+* ``exact`` / ``broad``: a bidword whose tokens are all in the query (exact: the same token set);
+* ``category``: ads of the query's predicted leaf category;
+* ``related``: ads of the same top category (``top/leaf`` ids), when fewer than the limit matched.
+
+Writes (the inventory feed thread) and reads (request threads) share one lock; a read copies what
+it needs, so a request never sees half an update.
+
+Query understanding is pluggable (:class:`QueryClassifier`, :class:`QueryRewriter`); the
+baselines are fed by the same stream: the classifier counts the categories of ads bidding on the
+query's matched bidwords, the rewriter returns the matched bidwords.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+from core.events import BidwordChange
+
+MATCH_ORDER = {"exact": 0, "broad": 1, "category": 2, "related": 3}
+
+
+def tokens(text: str) -> frozenset[str]:
+    return frozenset(text.lower().split())
+
+
+def top_of(category: str) -> str:
+    return category.split("/", 1)[0] if category else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    ad_id: str
+    bidword: str
+    bid: float
+    category: str
+    match: str
+    creatives: tuple[str, ...]
+    advertiser: str = ""
+
+
+@dataclass(slots=True)
+class _Ad:
+    category: str = ""
+    bidwords: dict[str, float] = field(default_factory=dict)
+    creatives: tuple[str, ...] = ()
+    advertiser: str = ""
+
+
+class AdIndex:
+    """Bidword / category index of the live ad inventory (thread-safe)."""
+
+    def __init__(self, default_creatives=lambda ad_id: (f"{ad_id}-c0",)) -> None:
+        self._lock = threading.Lock()
+        self._ads: dict[str, _Ad] = {}
+        self._catalog: dict[str, tuple[tuple[str, ...], str, str]] = {}  # ad -> (creatives, adv, cat)
+        self._word_ads: dict[str, dict[str, float]] = defaultdict(dict)  # bidword -> ad -> bid
+        self._word_tokens: dict[str, frozenset[str]] = {}
+        self._token_words: dict[str, set[str]] = defaultdict(set)
+        self._by_category: dict[str, set[str]] = defaultdict(set)
+        self._by_top: dict[str, set[str]] = defaultdict(set)
+        self._default_creatives = default_creatives
+        self.changes_applied = 0
+        self.version = 0
+
+    # ---- writes -------------------------------------------------------------------------------
+    def set_catalog(self, ad_id: str, creatives: Iterable[str], advertiser: str = "",
+                    category: str = "") -> None:
+        """Creatives (and advertiser) of an ad, live or not yet live."""
+        crs = tuple(creatives)
+        if not crs:
+            raise ValueError(f"ad {ad_id!r} needs at least one creative")
+        with self._lock:
+            self._catalog[ad_id] = (crs, advertiser, category)
+            ad = self._ads.get(ad_id)
+            if ad is not None:
+                ad.creatives, ad.advertiser = crs, advertiser
+
+    def apply(self, change: BidwordChange) -> None:
+        """Apply one inventory change (add/update/remove of a bidword on an ad)."""
+        with self._lock:
+            self._apply(change)
+
+    def apply_many(self, changes: Iterable[BidwordChange]) -> int:
+        n = 0
+        with self._lock:
+            for c in changes:
+                self._apply(c)
+                n += 1
+        return n
+
+    def _apply(self, c: BidwordChange) -> None:
+        self.changes_applied += 1
+        self.version += 1
+        word = " ".join(c.bidword.lower().split())
+        if not word:
+            return
+        if c.action == "remove":
+            ad = self._ads.get(c.ad_id)
+            if ad is None or word not in ad.bidwords:
+                return
+            del ad.bidwords[word]
+            self._word_ads[word].pop(c.ad_id, None)
+            if not self._word_ads[word]:
+                del self._word_ads[word]
+                for t in self._word_tokens.pop(word, ()):
+                    self._token_words[t].discard(word)
+            if not ad.bidwords:  # no bidword left: the ad is no longer live
+                del self._ads[c.ad_id]
+                self._by_category[ad.category].discard(c.ad_id)
+                self._by_top[top_of(ad.category)].discard(c.ad_id)
+            return
+        ad = self._ads.get(c.ad_id)
+        if ad is None:
+            crs, adv, cat = self._catalog.get(c.ad_id, ((), "", ""))
+            ad = self._ads[c.ad_id] = _Ad(category=c.category or cat,
+                                          creatives=crs or tuple(self._default_creatives(c.ad_id)),
+                                          advertiser=adv)
+        elif c.category and c.category != ad.category:
+            self._by_category[ad.category].discard(c.ad_id)
+            self._by_top[top_of(ad.category)].discard(c.ad_id)
+            ad.category = c.category
+        self._by_category[ad.category].add(c.ad_id)
+        self._by_top[top_of(ad.category)].add(c.ad_id)
+        ad.bidwords[word] = float(c.bid)
+        self._word_ads[word][c.ad_id] = float(c.bid)
+        if word not in self._word_tokens:
+            wt = tokens(word)
+            self._word_tokens[word] = wt
+            for t in wt:
+                self._token_words[t].add(word)
+
+    # ---- reads --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._ads)
+
+    def match_bidwords(self, query: str) -> list[tuple[str, str]]:
+        """``[(bidword, "exact" | "broad")]`` whose tokens are all in the query."""
+        qt = tokens(query)
+        with self._lock:
+            words = set().union(*(self._token_words.get(t, ()) for t in qt)) if qt else set()
+            out = []
+            for w in words:
+                wt = self._word_tokens[w]
+                if wt <= qt:
+                    out.append((w, "exact" if wt == qt else "broad"))
+        out.sort(key=lambda x: (MATCH_ORDER[x[1]], x[0]))
+        return out
+
+    def category_counts(self, bidwords: Iterable[tuple[str, str]]) -> Counter:
+        """Categories of the ads bidding on these bidwords (exact matches count twice)."""
+        counts: Counter = Counter()
+        with self._lock:
+            for w, m in bidwords:
+                weight = 2 if m == "exact" else 1
+                for ad_id in self._word_ads.get(w, ()):
+                    counts[self._ads[ad_id].category] += weight
+        return counts
+
+    def candidates(self, matched: list[tuple[str, str]], category: str | None,
+                   limit: int = 200) -> list[Candidate]:
+        """Candidate ads: bidword matches first (exact, then broad; the highest bid per ad), then
+        the predicted leaf category, then its top category; at most ``limit``, best first."""
+        best: dict[str, tuple[int, float, str, str]] = {}
+        with self._lock:
+            for w, m in matched:
+                rank = MATCH_ORDER[m]
+                for ad_id, bid in self._word_ads.get(w, {}).items():
+                    cur = best.get(ad_id)
+                    if cur is None or (rank, -bid) < (cur[0], -cur[1]):
+                        best[ad_id] = (rank, bid, w, m)
+            if category:
+                for m, pool in (("category", self._by_category.get(category, ())),
+                                ("related", self._by_top.get(top_of(category), ()))):
+                    if len(best) >= limit:
+                        break
+                    for ad_id in pool:
+                        if ad_id in best:
+                            continue
+                        ad = self._ads[ad_id]
+                        w, bid = max(ad.bidwords.items(), key=lambda kv: (kv[1], kv[0]))
+                        best[ad_id] = (MATCH_ORDER[m], bid, w, m)
+            ranked = sorted(best.items(), key=lambda kv: (kv[1][0], -kv[1][1], kv[0]))[:limit]
+            return [Candidate(ad_id, w, bid, self._ads[ad_id].category, m, self._ads[ad_id].creatives,
+                              self._ads[ad_id].advertiser)
+                    for ad_id, (_r, bid, w, m) in ranked]
+
+
+# ---- query understanding ------------------------------------------------------------------------
+class QueryClassifier(Protocol):
+    def classify(self, query: str, matched: list[tuple[str, str]]) -> str | None: ...
+
+
+class QueryRewriter(Protocol):
+    def rewrite(self, query: str) -> list[tuple[str, str]]: ...
+
+
+class IndexRewriter:
+    """Query -> bidwords by exact/token match against the live inventory."""
+
+    def __init__(self, index: AdIndex) -> None:
+        self.index = index
+
+    def rewrite(self, query: str) -> list[tuple[str, str]]:
+        return self.index.match_bidwords(query)
+
+
+class CountsClassifier:
+    """Query -> leaf category: the most frequent category among ads bidding on the matched
+    bidwords (ties: the smallest id); None when nothing matched."""
+
+    def __init__(self, index: AdIndex) -> None:
+        self.index = index
+
+    def classify(self, query: str, matched: list[tuple[str, str]]) -> str | None:
+        counts = self.index.category_counts(matched)
+        if not counts:
+            return None
+        return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+
+
+# ---- bootstrapping from the synthetic world ----------------------------------------------------
+def world_inventory(world, t: float | None = None) -> list[BidwordChange]:
+    """``BidwordChange(add)`` for every bidword of every ad of ``world`` live at event time ``t``
+    (all initial ads when None): the same records ``World.generate(initial_inventory=True)`` emits."""
+    out = []
+    for ad in world.ads:
+        if t is None and ad.active_from != float("-inf"):
+            continue
+        if t is not None and ad.active_from > t:
+            continue
+        at = world.config.epoch if t is None else t
+        for w, bid in ad.bidwords:
+            out.append(BidwordChange(event_time=at, ad_id=ad.id, bidword=w, action="add", bid=bid,
+                                     category=ad.category))
+    return out
+
+
+def load_world_catalog(index: AdIndex, world) -> int:
+    """Creatives, advertiser and category of every ad of ``world`` (new ads included)."""
+    for ad in world.ads:
+        index.set_catalog(ad.id, [c.id for c in ad.creatives], ad.advertiser, ad.category)
+    return len(world.ads)

@@ -1,0 +1,336 @@
+"""The ad-serving pipeline, independent of HTTP.
+
+    query understanding -> candidates (index) -> ONE feature read (user + every ad x creative)
+    -> ad CTR ranker  ||  creative ranker   (Peri-CR: in parallel, neither waits for the other)
+    -> eCPM = pCTR x bid -> top slots, each with its best creative -> impression log (EventSink)
+
+Every dependency can fail without failing the request: the feature store (defaults, ``features``
+in ``degraded``), the CTR model (stream-CTR prior, ``ctr_model``), the event sink (counted drops,
+``impression_log``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from core.events import Impression
+from core.ports import EventSink
+from core.settings import ServeSettings
+from online.index import AdIndex, Candidate, CountsClassifier, IndexRewriter, QueryClassifier, QueryRewriter
+from online.metrics import ServeMetrics
+from online.models import BetaCreativeRanker, LoadedModel, ModelLoader
+
+log = logging.getLogger(__name__)
+
+TOP_SLOTS = 2  # positions < TOP_SLOTS are slot "top", the rest "side" (as in the synthetic world)
+ENTITY_STATS = ("impressions", "clicks")
+
+
+@dataclass
+class AdRequestData:
+    user_id: str
+    query: str
+    slots: int
+    domain: str = "search"
+    request_id: str | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Ranked:
+    pctr: list[float]
+    version: str
+    degraded: bool
+
+
+class FeatureReader:
+    """Wraps ``FeatureStoreClient.read_for_request`` with a deadline and a breaker.
+
+    The read runs on a small pool and is given up after ``timeout_s`` (a store that hangs, or a
+    client that retries a refused connection for seconds, must not hold the request). After a
+    failure or a timeout the store is skipped for ``retry_s`` seconds (requests get defaults at
+    once), then tried again."""
+
+    def __init__(self, store, retry_s: float = 1.0, timeout_s: float = 0.1) -> None:
+        self.store = store
+        self.retry_s = retry_s
+        self.timeout_s = timeout_s
+        self._down_until = 0.0
+        self.failures = 0
+        self.timeouts = 0
+        self.last_error: str | None = None
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="feature-read")
+        tags = list(getattr(store, "tags", []) or [])
+        self.tags = tags or ["1h"]
+
+    def read(self, user_id: str, ad_ids: list[str], creative_ids: list[str], query: str) -> dict | None:
+        if self.store is None:
+            return None
+        if time.monotonic() < self._down_until:
+            return None
+        fut = self._pool.submit(self.store.read_for_request, user_id, ad_ids, creative_ids=creative_ids,
+                                query=query)
+        try:
+            return fut.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            self.timeouts += 1
+            self._fail(f"no answer within {self.timeout_s * 1000:.0f} ms")
+        except Exception as e:  # noqa: BLE001 - any store failure degrades, never fails the request
+            self._fail(f"{type(e).__name__}: {e}")
+        return None
+
+    def _fail(self, why: str) -> None:
+        self.failures += 1
+        self.last_error = why
+        self._down_until = time.monotonic() + self.retry_s
+        if self.failures <= 5 or self.failures % 1000 == 0:
+            log.warning("feature read failed (%d so far), serving defaults for %.1fs: %s",
+                        self.failures, self.retry_s, why)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def healthy(self) -> bool:
+        return self.store is not None and time.monotonic() >= self._down_until
+
+
+def _num(v: Any) -> float | None:
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+class AdService:
+    """One instance per process; ``handle`` is thread-safe."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        *,
+        index: AdIndex,
+        feature_store=None,
+        loader: ModelLoader | None = None,
+        sink: EventSink | None = None,
+        impressions_topic: str = "impressions",
+        metrics: ServeMetrics | None = None,
+        classifier: QueryClassifier | None = None,
+        rewriter: QueryRewriter | None = None,
+        creative_ranker: BetaCreativeRanker | None = None,
+        clock: Callable[[], float] = time.time,
+        keep_stage_log: int = 0,
+    ) -> None:
+        self.settings = settings
+        self.index = index
+        self.features = FeatureReader(feature_store, settings.feature_retry_s, settings.feature_timeout_s)
+        self.loader = loader
+        self.sink = sink
+        self.topic = impressions_topic
+        self.metrics = metrics or ServeMetrics()
+        self.classifier = classifier or CountsClassifier(index)
+        self.rewriter = rewriter or IndexRewriter(index)
+        self.creative_ranker = creative_ranker or BetaCreativeRanker(settings.creative_prior_strength,
+                                                                     settings.default_ctr)
+        self.clock = clock
+        self.parallel = settings.parallel_ranking
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="creative-rank")
+        self.stage_log: deque[dict[str, float]] | None = deque(maxlen=keep_stage_log) if keep_stage_log else None
+        self.parallel_calls = 0
+        self._lock = threading.Lock()
+        self.tag = self.features.tags[0]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self.features.close()
+
+    # ---- pieces -------------------------------------------------------------------------------
+    def _stream_ctr(self, row: dict | None) -> float | None:
+        return _num((row or {}).get(f"ctr_{self.tag}"))
+
+    def served_features(self, req: AdRequestData, cand: Candidate, category: str | None,
+                        user_row: dict | None, query_row: dict | None, ad_row: dict | None,
+                        creative_row: dict | None) -> dict[str, Any]:
+        """The flat feature dict the ad ranker sees and the impression carries."""
+        f: dict[str, Any] = {
+            "match": cand.match,
+            "top_category": cand.category.split("/", 1)[0] if cand.category else "",
+            "query_category": category or "",
+            "query_len": len(req.query.split()),
+            "n_creatives": len(cand.creatives),
+        }
+        if cand.advertiser:
+            f["advertiser"] = cand.advertiser
+        for ent, row in (("user", user_row), ("query", query_row), ("ad", ad_row), ("creative", creative_row)):
+            row = row or {}
+            for s in ENTITY_STATS:
+                f[f"{ent}_{s}"] = _num(row.get(s))
+            for t in self.features.tags:
+                f[f"{ent}_ctr_{t}"] = _num(row.get(f"ctr_{t}"))
+        return f
+
+    def example(self, req: AdRequestData, cand: Candidate, creative_id: str, position: int,
+                features: dict[str, Any], event_time: float) -> dict[str, Any]:
+        """An example-shaped dict (the keys of ``core.events.Example``) for the CTR model."""
+        return {"user_id": req.user_id, "query": req.query, "ad_id": cand.ad_id, "creative_id": creative_id,
+                "bidword": cand.bidword, "category": cand.category, "position": position, "bid": cand.bid,
+                "slot": "top" if position < TOP_SLOTS else "side", "domain": req.domain,
+                "event_time": event_time, "features": features}
+
+    def rank_ads(self, model: LoadedModel | None, examples: list[dict], priors: list[float]) -> Ranked:
+        if model is not None:
+            try:
+                p = model.predict(examples)
+                return Ranked([float(x) for x in p], model.version, False)
+            except Exception as e:  # noqa: BLE001
+                log.warning("ctr model %s failed, ranking by the prior: %s", model.version, e)
+        return Ranked(list(priors), "prior", True)
+
+    def rank_creatives(self, creative_rows: list[list[dict | None]], priors: list[float]) -> list[int]:
+        """Index of the best creative of every candidate (ties: the first)."""
+        best = []
+        for rows, prior in zip(creative_rows, priors):
+            scores = self.creative_ranker.score(rows, prior)
+            best.append(max(range(len(scores)), key=lambda i: (scores[i], -i)) if scores else 0)
+        return best
+
+    # ---- the pipeline -------------------------------------------------------------------------
+    def handle(self, req: AdRequestData, parallel: bool | None = None) -> dict[str, Any]:
+        m = self.metrics
+        stages: dict[str, float] = {}
+        t_start = t0 = time.perf_counter()
+        degraded: list[str] = []
+        request_id = req.request_id or uuid.uuid4().hex
+        event_time = _num(req.context.get("event_time")) if req.context else None
+        if event_time is None:
+            event_time = self.clock()
+
+        # 1. query understanding
+        matched = self.rewriter.rewrite(req.query)
+        try:
+            category = self.classifier.classify(req.query, matched)
+        except Exception as e:  # noqa: BLE001
+            log.warning("query classifier failed: %s", e)
+            category, _ = None, degraded.append("query_understanding")
+        t1 = time.perf_counter(); stages["query"] = t1 - t0  # noqa: E702
+
+        # 2. candidates
+        cands = self.index.candidates(matched, category, self.settings.max_candidates)
+        t2 = time.perf_counter(); stages["retrieve"] = t2 - t1  # noqa: E702
+        m.candidates.observe(len(cands))
+
+        # 3. one batched feature read: the user, the query, every (ad, creative) pair
+        pair_ads = [c.ad_id for c in cands for _ in c.creatives]
+        pair_crs = [cr for c in cands for cr in c.creatives]
+        feats = self.features.read(req.user_id, pair_ads, pair_crs, req.query) if cands else None
+        t3 = time.perf_counter(); stages["features"] = t3 - t2  # noqa: E702
+        if cands:
+            m.feature_read.observe(t3 - t2)
+        if self.features.store is None or (cands and feats is None):
+            degraded.append("features")
+        user_row = (feats or {}).get("user")
+        query_row = (feats or {}).get("query")
+        pairs = (feats or {}).get("ads") or [None] * len(pair_ads)
+        ad_rows: list[dict | None] = []
+        cr_rows: list[list[dict | None]] = []
+        i = 0
+        for c in cands:
+            n = len(c.creatives)
+            chunk = pairs[i:i + n]
+            i += n
+            ad_rows.append((chunk[0] or {}).get("ad") if chunk and chunk[0] else None)
+            cr_rows.append([(p or {}).get("creative") if p else None for p in chunk])
+        default = self.settings.default_ctr
+        priors = [self._stream_ctr(r) or default for r in ad_rows]
+        pos = self.settings.ranking_position
+        first = self.settings.ad_ranker_creative == "first"
+        ad_features = [self.served_features(req, c, category, user_row, query_row, ad_rows[j],
+                                            cr_rows[j][0] if first and cr_rows[j] else None)
+                       for j, c in enumerate(cands)]
+        examples = [self.example(req, c, c.creatives[0] if first else "", pos, ad_features[j], event_time)
+                    for j, c in enumerate(cands)]
+        t4 = time.perf_counter(); stages["assemble"] = t4 - t3  # noqa: E702
+
+        # 4. ad ranker || creative ranker
+        model = self.loader.current if self.loader is not None else None  # read once: swap-safe
+        use_parallel = self.parallel if parallel is None else parallel
+        if cands:
+            if use_parallel:
+                fut = self._pool.submit(self._timed, self.rank_creatives, cr_rows, priors)
+                ranked, t_ad = self._timed(self.rank_ads, model, examples, priors)
+                best_cr, t_cr = fut.result()
+                with self._lock:
+                    self.parallel_calls += 1
+            else:
+                ranked, t_ad = self._timed(self.rank_ads, model, examples, priors)
+                best_cr, t_cr = self._timed(self.rank_creatives, cr_rows, priors)
+            stages["ad_rank"], stages["creative_rank"] = t_ad, t_cr
+        else:
+            ranked, best_cr = Ranked([], model.version if model else "prior", model is None), []
+        t5 = time.perf_counter(); stages["rank"] = t5 - t4  # noqa: E702
+        if ranked.degraded:
+            degraded.append("ctr_model")
+
+        # 5. eCPM = pCTR x bid, top slots with their best creative
+        order = sorted(range(len(cands)), key=lambda j: (-ranked.pctr[j] * cands[j].bid, cands[j].ad_id))
+        versions = {"ctr": ranked.version, "creative": self.creative_ranker.version}
+        ads_out, imps = [], []
+        for position, j in enumerate(order[: req.slots]):
+            c = cands[j]
+            cr_i = best_cr[j]
+            creative_id = c.creatives[cr_i]
+            pctr = ranked.pctr[j]
+            ads_out.append({"ad_id": c.ad_id, "creative_id": creative_id, "bidword": c.bidword,
+                            "category": c.category, "bid": c.bid, "pctr": pctr, "ecpm": pctr * c.bid,
+                            "position": position})
+            served = dict(ad_features[j])
+            crow = cr_rows[j][cr_i] if cr_rows[j] else None
+            for s in ENTITY_STATS:
+                served[f"creative_{s}"] = _num((crow or {}).get(s))
+            for t in self.features.tags:
+                served[f"creative_ctr_{t}"] = _num((crow or {}).get(f"ctr_{t}"))
+            served["pctr"] = pctr
+            imps.append(Impression(
+                request_id=request_id, event_time=event_time, user_id=req.user_id, query=req.query,
+                ad_id=c.ad_id, creative_id=creative_id, bidword=c.bidword, category=c.category,
+                position=position, bid=c.bid, slot="top" if position < TOP_SLOTS else "side",
+                domain=req.domain, features=served, model_versions=dict(versions)))
+        t6 = time.perf_counter(); stages["assemble"] += t6 - t5  # noqa: E702
+
+        # 6. impression log (non-blocking)
+        if self.sink is not None and imps:
+            try:
+                for imp in imps:
+                    self.sink.send(self.topic, request_id, imp.to_json())
+                m.impressions_logged.inc(len(imps))
+            except Exception as e:  # noqa: BLE001 - the sink must not raise; if it does, degrade
+                log.warning("impression log failed: %s", e)
+                degraded.append("impression_log")
+        t7 = time.perf_counter(); stages["log"] = t7 - t6  # noqa: E702
+        stages["total"] = t7 - t_start
+        for k, v in stages.items():
+            m.stage_latency.labels(k).observe(v)
+        for d in degraded:
+            m.degraded.labels(d).inc()
+        m.requests.labels("degraded" if degraded else "ok").inc()
+        if self.stage_log is not None:
+            self.stage_log.append(stages)
+        return {"request_id": request_id, "ads": ads_out, "model_versions": versions, "degraded": degraded}
+
+    @staticmethod
+    def _timed(fn, *args):
+        t = time.perf_counter()
+        out = fn(*args)
+        return out, time.perf_counter() - t
