@@ -96,8 +96,9 @@ class TrainerSettings(BaseModel):
     backbone: str = Field("dcn", pattern="^(dcn|deepfm)$")
     embedding_dim: int = Field(8, ge=1)
     capacity: int = Field(1 << 16, ge=16)  # rows of the largest (user) table; others are derived
+    # only what both the joiner's examples and the online service's requests carry (docs/trainer.md)
     categorical: list[str] = ["user_id", "ad_id", "creative_id", "query", "bidword", "category", "position",
-                              "slot", "domain", "segment", "match", "top_category", "advertiser"]
+                              "slot", "domain", "advertiser"]
     numeric: list[str] = ["bid", "query_len"]
     emb_lr: float = Field(0.05, gt=0)
     dense_lr: float = Field(0.01, gt=0)
