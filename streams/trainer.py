@@ -658,6 +658,7 @@ class StreamTrainer:
         serving = self._serving()
         sv = None
         if serving is not None:
+            self.serving_version = serving[0]  # LATEST may have moved (rollback, promote, another trainer)
             same = [f.name for f in serving[1].config.fields] == self.fields and \
                 serving[1].config.numeric == self.cfg.numeric
             sv = score(serving[1], raw, dicts, same)
@@ -876,9 +877,28 @@ def settings_for(args: argparse.Namespace, settings: Settings) -> Settings:
     return settings.model_copy(update={"trainer": tr})
 
 
+class _DropLibraryInfo(logging.Filter):
+    """fbgemm logs every embedding-table construction at INFO on the root logger (dozens of lines
+    per model load); keep its warnings, drop the rest."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and record.levelno < logging.WARNING and "fbgemm" in record.pathname)
+
+
+def quiet_library_logs() -> None:
+    """Install :class:`_DropLibraryInfo` on the root handlers (command-line edges call this)."""
+    for h in logging.getLogger().handlers:
+        if not any(isinstance(f, _DropLibraryInfo) for f in h.filters):
+            h.addFilter(_DropLibraryInfo())
+
+
 def run_from_args(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
+    import warnings
+
+    quiet_library_logs()
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")  # torch, once per process
     settings = settings_for(args, settings)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
