@@ -353,6 +353,7 @@ class StreamTrainer:
         data = load_checkpoint(self.ckpt_path)
         if data is None:
             log.info("no checkpoint in %s: reading %s from the beginning", self.ckpt_dir, self.topic)
+            self._trim_windows_file()  # lines of an earlier, discarded run would be stale
             return
         where = f"trainer checkpoint {self.ckpt_path}"
         if data.get("topic") != self.topic:
@@ -375,12 +376,11 @@ class StreamTrainer:
             self.newest_event_time = float(data["newest_event_time"])
             self.newest_append_ts = float(data["newest_append_ts"])
             self.last_window = data.get("last_window")
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"{where} is inconsistent ({type(e).__name__}: {e}); move it away to start "
                               "from scratch") from None
         self.pos = dict(self.offsets)
         self._check_registry_for_window = self.window
-        self._cand_state = (self.window, data["learner"])
         self._trim_windows_file()
         self.metrics.newest_event_time = self.newest_event_time
         log.info("restored checkpoint: %d windows trained, %d examples, serving %s, offsets %s",

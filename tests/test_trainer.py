@@ -299,6 +299,9 @@ def test_corrupt_or_invalid_checkpoint_is_a_clear_error(tmp_path, topic_names):
     ckpt.write_bytes(b"\x80\x05garbage")
     with pytest.raises(ConfigError, match="cannot be read"):
         StreamTrainer(settings)._restore()
+    ckpt.write_bytes(pickle.dumps({"version": 1, "topic": topic_names.examples, "learner": "not a state"}))
+    with pytest.raises(ConfigError, match="inconsistent"):
+        StreamTrainer(settings)._restore()
 
     t = StreamTrainer(settings)
     with torch.no_grad():
