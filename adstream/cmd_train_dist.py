@@ -78,7 +78,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--embedding-dim", type=int, default=8)
     p.add_argument("--capacity", type=int, default=1 << 15, help="embedding rows per categorical column")
     p.add_argument("--admission", type=int, default=1, help="sightings before a value gets its own row")
-    p.add_argument("--emb-lr", type=float, default=0.05, help="fused RowWiseAdagrad learning rate")
+    p.add_argument("--emb-optimizer", choices=["rowwise_adagrad", "adagrad", "sgd"], default="rowwise_adagrad",
+                   help="fused embedding optimizer (applied in backward by each shard)")
+    p.add_argument("--emb-lr", type=float, default=0.05, help="fused embedding optimizer learning rate")
     p.add_argument("--dense-lr", type=float, default=0.01, help="dense Adagrad learning rate")
     p.add_argument("--mp", choices=["posterior", "kl"], default="posterior", help="Model Prior form (ddp-mp)")
     p.add_argument("--mp-lambda", type=float, default=1.0, help="Model Prior strength λ")
@@ -99,6 +101,7 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
         "backend": args.backend,
         "sharding": args.sharding,
         "planner": args.planner,
+        "emb_optimizer": args.emb_optimizer,
         "threads": max(1, args.threads),
         "columns": {
             "time": args.time_col,
@@ -291,6 +294,7 @@ def worker(spec_path: str) -> int:
             progress=(lambda msg: log.info("%s", msg)) if rank == 0 else None,
             device=device,
             planner=spec.get("planner", "manual"),
+            emb_optimizer=spec.get("emb_optimizer", "rowwise_adagrad"),
         )
         info["protocol_seconds"] = time.perf_counter() - t0
         info["backend"] = spec["backend"]

@@ -62,8 +62,12 @@ def test_two_processes_table_wise_match_one(data_file: Path, one_proc: dict[str,
     for s in ("finetune", "ddp-mp"):
         a1, a2 = _mean_auc(one_proc, s), _mean_auc(two, s)
         assert a1 > 0.6 and a2 > 0.6, (s, a1, a2)  # the drift world is learnable: ~0.67
-        assert abs(a1 - a2) < 0.02, (s, a1, a2)
         assert len(two["strategies"][s]["auc"]) == PERIODS - 3  # evaluated periods 3..5
+        # Table-wise with plan-independent table init is the same computation as 1 process (the
+        # global-batch mean loss, gradients averaged over the ranks) up to float rounding.
+        for key in ("auc", "logloss"):
+            for v1, v2 in zip(one_proc["strategies"][s][key], two["strategies"][s][key]):
+                assert abs(v1 - v2) < 1e-3, (s, key, one_proc["strategies"][s][key], two["strategies"][s][key])
     # the Model Prior path really ran: its per-period numbers differ from plain fine-tuning
     assert two["strategies"]["ddp-mp"]["auc"] != two["strategies"]["finetune"]["auc"]
 
@@ -96,6 +100,8 @@ def test_two_processes_column_wise_torchrec_planner(data_file: Path, one_proc: d
     two = _train_dist(data_file, tmp_path, 2, "column_wise", "finetune", planner="torchrec")
     assert two["dist"]["planner"] == "torchrec"
     assert two["dist"]["tables"] == {"t_ad": [0, 1], "t_user": [0, 1]}
+    # RowWiseAdagrad keeps one accumulator per row *per column block*, so column-wise is a
+    # slightly different optimizer than one whole table: equal quality, not equal numbers
     a1, a2 = _mean_auc(one_proc, "finetune"), _mean_auc(two, "finetune")
     assert a2 > 0.6 and abs(a1 - a2) < 0.02, (a1, a2)
     ranks = two["dist"]["ranks"]["finetune/seed0"]

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
@@ -253,10 +254,10 @@ class DistCTRLearner:
             self.tables = {t: list(ps.ranks or []) for t, ps in plan.plan["ebc"].items()}
         else:
             plan = _torchrec_plan(net.ebc, self.tables, self.world, sharding, self.device.type)
-        torch.manual_seed(config.seed * 1000 + self.rank)  # table init of this rank's shards
         self.model = DistributedModelParallel(
             net, env=ShardingEnv.from_process_group(self.pg), device=self.device, plan=plan
         )
+        self._init_tables()
         params = dict(in_backward_optimizer_filter(self.model.named_parameters()))
         if config.dense_optimizer == "adam":
             self.dense_opt = KeyedOptimizerWrapper(params, lambda ps: torch.optim.Adam(ps, lr=config.dense_lr))
@@ -268,14 +269,39 @@ class DistCTRLearner:
         self.prior_max_index = -1  # no prior statistics under DMP (fp=off)
         self.local_examples = 0
 
+    def _table_weights(self) -> dict[str, Any]:
+        """``{table: ShardedTensor}``: this rank's view of every table's weight (local shards are
+        views into the fbgemm weights, so writing them writes the tables)."""
+        out = {}
+        for key, t in self.model.state_dict().items():
+            if key.endswith(".weight") and ".embedding_bags." in key and hasattr(t, "local_shards"):
+                out[key.split(".embedding_bags.")[1].split(".")[0]] = t
+        return out
+
+    def _init_tables(self) -> None:
+        """Plan-independent initial values: uniform ±√(1/rows) (TorchRec's default range) drawn
+        in blocks of 2^16 rows from generators seeded by (seed, table, block). Every plan and
+        world size therefore starts from the same tables; each rank writes only its shards."""
+        block = 1 << 16
+        dims = dict(zip((f"t_{f.name}" for f in self.config.fields), self.config.field_dims()))
+        rows = {f"t_{f.name}": f.capacity for f in self.config.fields}
+        with torch.no_grad():
+            for table, weight in self._table_weights().items():
+                n, d = rows[table], dims[table]
+                bound = (1.0 / n) ** 0.5
+                for shard in weight.local_shards():
+                    (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                    for b0 in range((r0 // block) * block, r0 + nr, block):
+                        gen = torch.Generator().manual_seed(zlib.crc32(f"{self.config.seed}:{table}:{b0}".encode()))
+                        vals = torch.rand(min(block, n - b0), d, generator=gen) * (2 * bound) - bound
+                        lo, hi = max(r0, b0), min(r0 + nr, b0 + len(vals))
+                        shard.tensor[lo - r0 : hi - r0] = vals[lo - b0 : hi - b0, c0 : c0 + nc].to(shard.tensor.device)
+
     # ------------------------------------------------------------------ introspection
     def local_shards(self) -> dict[str, list[list[int]]]:
         """The embedding shards this rank really holds: ``{table: [[rows, cols], ...]}``."""
         out: dict[str, list[list[int]]] = {}
-        for key, t in self.model.state_dict().items():
-            if not key.endswith(".weight") or ".embedding_bags." not in key or not hasattr(t, "local_shards"):
-                continue
-            table = key.split(".embedding_bags.")[1].split(".")[0]
+        for table, t in self._table_weights().items():
             shards = [list(s.tensor.shape) for s in t.local_shards() if s.tensor.numel() > 0]
             if shards:
                 out[table] = shards
@@ -434,6 +460,7 @@ def run_dist_protocol(
     progress: Callable[[str], None] | None = None,
     device: torch.device | None = None,
     planner: str = "manual",
+    emb_optimizer: str = "rowwise_adagrad",
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """The protocol of :func:`models.evaluation.run_protocol` (strategies ``finetune``,
     ``distill``, ``ddp-mp``) on every rank of the job.
@@ -441,7 +468,7 @@ def run_dist_protocol(
     Every rank gets the whole (time-sorted, :func:`models.evaluation.prepare_frame`) frame; each
     global batch is mapped identically on every rank and split between the ranks. Returns
     ``(report, audit, dist_info)``: the report has the same shape as ``run_protocol``'s;
-    ``dist_info`` holds the world size, the plan and per-rank facts (shards really held,
+    ``emb_optimizer`` overrides the strategies' embedding optimizer. ``dist_info`` holds the world size, the plan and per-rank facts (shards really held,
     examples trained, dense parameter count) gathered from all ranks. Identical on every rank.
     """
     ec.validate()
@@ -459,7 +486,7 @@ def run_dist_protocol(
     for s_i in range(ec.seeds):
         seed = ec.base_seed + s_i
         for name in ec.strategies:
-            cfg = strategy_config(name, ec, cols, seed)
+            cfg = replace(strategy_config(name, ec, cols, seed), emb_optimizer=emb_optimizer)
             t_build = time.perf_counter()
             learner = DistCTRLearner(cfg, sharding, device=device, planner=planner)
             tables = learner.tables
@@ -495,5 +522,12 @@ def run_dist_protocol(
             dist.all_gather_object(gathered, mine)
             ranks_info[f"{name}/seed{seed}"] = gathered
             del learner
-    info = {"world_size": world, "sharding": sharding, "planner": planner, "tables": tables, "ranks": ranks_info}
+    info = {
+        "world_size": world,
+        "sharding": sharding,
+        "planner": planner,
+        "emb_optimizer": emb_optimizer,
+        "tables": tables,
+        "ranks": ranks_info,
+    }
     return _report(eval_periods, per), audit, info
