@@ -142,6 +142,10 @@ class AdIndex:
     def __len__(self) -> int:
         return len(self._ads)
 
+    def live_creatives(self) -> list[str]:
+        with self._lock:
+            return [cr for ad in self._ads.values() for cr in ad.creatives]
+
     def match_bidwords(self, query: str) -> list[tuple[str, str]]:
         """``[(bidword, "exact" | "broad")]`` whose tokens are all in the query."""
         qt = tokens(query)

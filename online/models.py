@@ -35,8 +35,41 @@ class LoadedModel:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def predict(self, examples: Sequence[dict[str, Any]]) -> np.ndarray:
+        raw = examples_to_raw(examples, self.learner.fields, self.learner.config.numeric)
         with self._lock:
-            return self.learner.predict(list(examples))
+            return self.learner.predict(raw)
+
+
+def examples_to_raw(examples: Sequence[dict[str, Any]], fields: Sequence[str], numeric: Sequence[str]):
+    """Example dicts -> ``RawBatch`` with the semantics of ``models.ctr.raw_from_examples`` (a name
+    is looked up at the top level, then in ``features``; missing/invalid numbers are NaN), built
+    column by column: the prediction path's hot loop."""
+    from models.ctr import RawBatch
+
+    n = len(examples)
+    feats = [ex.get("features") or {} for ex in examples]
+    cats = {}
+    for f in fields:
+        col = np.empty(n, dtype=object)
+        col[:] = [ex[f] if f in ex else fe.get(f) for ex, fe in zip(examples, feats)]
+        cats[f] = col
+    dense = np.full((n, len(numeric)), np.nan, dtype=np.float32)
+    for j, f in enumerate(numeric):
+        for i, (ex, fe) in enumerate(zip(examples, feats)):
+            v = ex[f] if f in ex else fe.get(f)
+            if v is None:
+                continue
+            if isinstance(v, (int, float)):
+                x = float(v)
+            else:
+                try:
+                    x = float(v)
+                except (TypeError, ValueError):
+                    continue
+            if math.isfinite(x):
+                dense[i, j] = x
+    times = np.array([float(ex.get("event_time") or 0.0) for ex in examples], dtype=np.float64)
+    return RawBatch(cats, dense, np.zeros(n, dtype=np.float32), times, np.arange(n, dtype=np.int64))
 
 
 def build_learner(state: dict[str, Any]):

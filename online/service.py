@@ -72,13 +72,13 @@ class FeatureReader:
         tags = list(getattr(store, "tags", []) or [])
         self.tags = tags or ["1h"]
 
-    def read(self, user_id: str, ad_ids: list[str], creative_ids: list[str], query: str) -> dict | None:
+    def read(self, user_id: str, ad_ids: list[str], creative_ids: list[str] | None, query: str) -> dict | None:
         if self.store is None:
             return None
         if time.monotonic() < self._down_until:
             return None
-        fut = self._pool.submit(self.store.read_for_request, user_id, ad_ids, creative_ids=creative_ids,
-                                query=query)
+        kw = {"creative_ids": creative_ids} if creative_ids is not None else {}
+        fut = self._pool.submit(self.store.read_for_request, user_id, ad_ids, query=query, **kw)
         try:
             return fut.result(timeout=self.timeout_s)
         except FutureTimeout:
@@ -102,6 +102,57 @@ class FeatureReader:
     @property
     def healthy(self) -> bool:
         return self.store is not None and time.monotonic() >= self._down_until
+
+
+class CreativeStatsCache:
+    """Creative rows of every live creative, read in the background every ``refresh_s`` seconds
+    (``serve.creative_features = cache``): the creative ranker's inputs change slowly, and reading
+    them per request costs one row per (ad, creative) pair. A failed refresh keeps the old rows."""
+
+    def __init__(self, store, index: AdIndex, refresh_s: float = 5.0, chunk: int = 2000) -> None:
+        self.store = store
+        self.index = index
+        self.refresh_s = refresh_s
+        self.chunk = chunk
+        self._rows: dict[str, dict] = {}
+        self.refreshed_at = 0.0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def refresh(self) -> int:
+        ids = self.index.live_creatives()
+        rows: dict[str, dict] = {}
+        try:
+            for i in range(0, len(ids), self.chunk):
+                rows.update(self.store.read("creative", ids[i:i + self.chunk]))
+        except Exception as e:  # noqa: BLE001
+            self.failures += 1
+            log.warning("creative cache refresh failed (%d so far): %s", self.failures, e)
+            return 0
+        self._rows = rows  # one reference swap
+        self.refreshed_at = time.time()
+        return len(rows)
+
+    def get(self, creative_id: str) -> dict | None:
+        return self._rows.get(creative_id)
+
+    def start(self) -> "CreativeStatsCache":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="creative-cache", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.refresh()
+            self._stop.wait(self.refresh_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
 
 
 def _num(v: Any) -> float | None:
@@ -151,10 +202,17 @@ class AdService:
         self.parallel_calls = 0
         self._lock = threading.Lock()
         self.tag = self.features.tags[0]
+        self.creative_cache: CreativeStatsCache | None = None
+        if settings.creative_features == "cache" and feature_store is not None:
+            self.creative_cache = CreativeStatsCache(feature_store, index, settings.creative_cache_refresh_s)
+            self.creative_cache.refresh()
+            self.creative_cache.start()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
         self.features.close()
+        if self.creative_cache is not None:
+            self.creative_cache.stop()
 
     # ---- pieces -------------------------------------------------------------------------------
     def _stream_ctr(self, row: dict | None) -> float | None:
@@ -232,9 +290,15 @@ class AdService:
         m.candidates.observe(len(cands))
 
         # 3. one batched feature read: the user, the query, every (ad, creative) pair
-        pair_ads = [c.ad_id for c in cands for _ in c.creatives]
-        pair_crs = [cr for c in cands for cr in c.creatives]
-        feats = self.features.read(req.user_id, pair_ads, pair_crs, req.query) if cands else None
+        #    (or every ad, with creative rows from the in-memory cache)
+        cache = self.creative_cache
+        if cache is None:
+            pair_ads = [c.ad_id for c in cands for _ in c.creatives]
+            feats = self.features.read(req.user_id, pair_ads, [cr for c in cands for cr in c.creatives],
+                                       req.query) if cands else None
+        else:
+            pair_ads = [c.ad_id for c in cands]
+            feats = self.features.read(req.user_id, pair_ads, None, req.query) if cands else None
         t3 = time.perf_counter(); stages["features"] = t3 - t2  # noqa: E702
         if cands:
             m.feature_read.observe(t3 - t2)
@@ -245,13 +309,18 @@ class AdService:
         pairs = (feats or {}).get("ads") or [None] * len(pair_ads)
         ad_rows: list[dict | None] = []
         cr_rows: list[list[dict | None]] = []
-        i = 0
-        for c in cands:
-            n = len(c.creatives)
-            chunk = pairs[i:i + n]
-            i += n
-            ad_rows.append((chunk[0] or {}).get("ad") if chunk and chunk[0] else None)
-            cr_rows.append([(p or {}).get("creative") if p else None for p in chunk])
+        if cache is None:
+            i = 0
+            for c in cands:
+                n = len(c.creatives)
+                chunk = pairs[i:i + n]
+                i += n
+                ad_rows.append((chunk[0] or {}).get("ad") if chunk and chunk[0] else None)
+                cr_rows.append([(p or {}).get("creative") if p else None for p in chunk])
+        else:
+            for c, p in zip(cands, pairs):
+                ad_rows.append((p or {}).get("ad") if p else None)
+                cr_rows.append([cache.get(cr) for cr in c.creatives])
         default = self.settings.default_ctr
         priors = [self._stream_ctr(r) or default for r in ad_rows]
         pos = self.settings.ranking_position
@@ -326,6 +395,7 @@ class AdService:
             m.degraded.labels(d).inc()
         m.requests.labels("degraded" if degraded else "ok").inc()
         if self.stage_log is not None:
+            stages["degraded"] = float(bool(degraded))
             self.stage_log.append(stages)
         return {"request_id": request_id, "ads": ads_out, "model_versions": versions, "degraded": degraded}
 

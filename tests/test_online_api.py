@@ -333,3 +333,25 @@ def _wait(pred, timeout_s: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not reached")
         time.sleep(0.02)
+
+
+def test_columnar_examples_match_the_model_conversion(registry, one_torch_thread):
+    """The serving path's columnar RawBatch gives the model exactly what raw_from_examples gives."""
+    import numpy as np
+
+    from models.ctr import raw_from_examples
+    from models.registry import ModelRegistry
+    from online.models import build_learner, examples_to_raw
+
+    root, v1, _ = registry
+    learner = build_learner(ModelRegistry(root, "ctr").load(v1)[0])
+    exs = [{"user_id": f"u{i}", "query": "q", "ad_id": f"a{i:04d}", "creative_id": None, "bidword": "b",
+            "category": "c", "position": i % 3, "bid": 1.0, "event_time": 5.0,
+            "features": {"ad_ctr_1h": [0.1, None, "x", float("nan"), True, 3][i % 6], "user_ctr_1h": i}}
+           for i in range(12)]
+    fields, numeric = learner.fields, learner.config.numeric
+    a, b = examples_to_raw(exs, fields, numeric), raw_from_examples(exs, fields, numeric)
+    for f in fields:
+        assert list(a.cats[f]) == list(b.cats[f])
+    np.testing.assert_array_equal(a.dense, b.dense)
+    np.testing.assert_allclose(learner.predict(a), learner.predict(exs))

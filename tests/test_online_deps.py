@@ -100,8 +100,10 @@ def test_feature_store_outage_degrades_then_recovers(tmp_path, one_torch_thread)
 
 
 @pytest.mark.redis
-def test_served_features_come_from_the_store(tmp_path, redis_server, one_torch_thread):
-    """The impression carries what the store held for the served ad and user."""
+@pytest.mark.parametrize("creative_features", ["request", "cache"])
+def test_served_features_come_from_the_store(tmp_path, redis_server, one_torch_thread, creative_features):
+    """The impression carries what the store held for the served ad, creative and user (creative
+    rows read per request, or from the refreshed in-memory cache)."""
     import redis as redis_py
 
     from core.ports import ListSink
@@ -112,7 +114,8 @@ def test_served_features_come_from_the_store(tmp_path, redis_server, one_torch_t
                                             redis_url=redis_server.address, half_lives_s=[3600.0]))
     q = queries(1)[0]
     sink = ListSink()
-    app = create_app(settings(), registry_root=tmp_path / "reg", feature_store=fs, index=world_index(), sink=sink)
+    app = create_app(settings(creative_features=creative_features, creative_cache_refresh_s=0.1),
+                     registry_root=tmp_path / "reg", feature_store=fs, index=world_index(), sink=sink)
     svc = app.state.service
     ad_ids = [c.ad_id for c in svc.index.candidates(svc.rewriter.rewrite(q), svc.classifier.classify(q, svc.rewriter.rewrite(q)))]
     state = AggregateState([3600.0])
@@ -122,6 +125,9 @@ def test_served_features_come_from_the_store(tmp_path, redis_server, one_torch_t
                                           creative_id=f"{ad}-c1", bidword="b", category="c", position=0, bid=1.0))
     fs.push(state.dirty_rows(), to="online")
     from online.service import AdRequestData
+
+    if svc.creative_cache is not None:
+        wait_for(lambda: svc.creative_cache.get(f"{ad_ids[0]}-c1"), 10, what="creative cache refreshed")
 
     out = svc.handle(AdRequestData(user_id="u9", query=q, slots=3))
     assert "features" not in out["degraded"]
