@@ -9,7 +9,7 @@ TRAIN_EPILOG = """\
 examples:
   adstream train --window-examples 5000 --strategy ddp --compare finetune
   adstream train --window-seconds 60 --registry .adstream/registry --idle-exit 30
-  adstream --bootstrap 127.0.0.1:9092 train --max-windows 10 --gate-margin 0.02
+  adstream train --bootstrap 127.0.0.1:9092 --max-windows 10 --gate-margin 0.02
 
 Every closed window is first scored with the candidate (the model trained up to the previous
 window) and the serving model; the candidate is published when it is not worse than the serving
@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--bootstrap", dest="train_bootstrap", metavar="HOST:PORT",
+                   help="Kafka bootstrap servers (same as the global --bootstrap)")
     add_arguments(p)
     p.set_defaults(func=_run_train)
 
@@ -54,6 +56,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from adstream.cli import settings_from_args
     from streams.trainer import run_from_args
 
+    if args.train_bootstrap:
+        args.bootstrap = args.train_bootstrap
     return run_from_args(args, settings_from_args(args))
 
 
