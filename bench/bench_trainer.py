@@ -42,10 +42,13 @@ from core.settings import BrokerSettings, KafkaSettings, Settings, TopicNames, T
 log = logging.getLogger("bench_trainer")
 
 
-def world_examples(n: int, seed: int) -> list[Example]:
-    from core.world import generate_examples
+def world_examples(n: int, seed: int, drift: str = "all") -> list[Example]:
+    """``n`` examples of the synthetic world; its drift (``all``, ``none``, ...) happens inside them."""
+    from core.world import DriftConfig, World, WorldConfig
 
-    df = generate_examples(duration_s=n / 30.0 + 60, requests_per_s=10.0, seed=seed).head(n)
+    duration = n / 30.0 + 60  # about 30 examples per second of event time
+    world = World(WorldConfig(seed=seed, drift=DriftConfig.parse(drift, horizon_s=duration)))
+    df = world.to_examples_frame(duration_s=duration, requests_per_s=10.0, seed=seed).head(n)
     return [Example(request_id=r.request_id, event_time=float(r.event_time), user_id=r.user_id, query=r.query,
                     ad_id=r.ad_id, creative_id=r.creative_id, bidword=r.bidword, category=r.category,
                     position=int(r.position), bid=float(r.bid), slot=r.slot, domain=r.domain,
@@ -99,7 +102,7 @@ def phase_throughput(bootstrap: str, args: argparse.Namespace, root: Path, compa
 
     topics = TopicNames(**{k: f"bench-tr-{uuid.uuid4().hex[:6]}-{v}" for k, v in TopicNames().model_dump().items()})
     create_topics(bootstrap, topics.all(), partitions=args.partitions)
-    exs = world_examples(args.examples, args.seed)
+    exs = world_examples(args.examples, args.seed, args.drift)
     p = make_producer(bootstrap, linger_ms=20)
     for ex in exs:
         while True:
@@ -123,7 +126,7 @@ def phase_throughput(bootstrap: str, args: argparse.Namespace, root: Path, compa
     auc = [r["auc"] for r in rows if r.get("auc") is not None]
     sh = [r["shadow_auc"] for r in rows if r.get("shadow_auc") is not None]
     return {
-        "examples": n, "windows": out["windows"], "window_examples": args.window, "partitions": args.partitions,
+        "examples": n, "drift": args.drift, "windows": out["windows"], "window_examples": args.window, "partitions": args.partitions,
         "strategy": args.strategy, "compare": compare,
         "raw_consume_examples_per_s": round(raw_rate), "consume_decode_examples_per_s": round(dec_rate),
         "trainer_examples_per_s": round(out["examples_trained"] / wall),
@@ -146,7 +149,7 @@ def phase_freshness(bootstrap: str, args: argparse.Namespace, root: Path) -> dic
 
     topics = TopicNames(**{k: f"bench-fr-{uuid.uuid4().hex[:6]}-{v}" for k, v in TopicNames().model_dump().items()})
     create_topics(bootstrap, topics.all(), partitions=args.partitions)
-    pool = world_examples(int(max(args.rate * args.seconds, 1000)), args.seed + 1)
+    pool = world_examples(int(max(args.rate * args.seconds, 1000)), args.seed + 1, args.drift)
     rows: list[dict] = []
     stop = threading.Event()
     settings = settings_for(bootstrap, topics, root / "fr", args, window_examples=args.fresh_window, compare=None)
@@ -198,6 +201,7 @@ def main() -> None:
     ap.add_argument("--compare", default="finetune", help="shadow strategy ('' = none)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--drift", default="all", help="world drift within the examples: all, none, or kinds")
     ap.add_argument("--rate", type=int, default=1000, help="phase 2: examples/s")
     ap.add_argument("--seconds", type=float, default=20.0, help="phase 2: seconds of paced traffic")
     ap.add_argument("--fresh-window", type=int, default=2000, help="phase 2: window size")
