@@ -223,7 +223,7 @@ def main() -> int:
             sink = KafkaEventSink(args.bootstrap)
         else:
             topic, sink = "impressions", NullSink()
-        settings = ServeSettings(model_poll_s=5.0)
+        settings = ServeSettings(model_poll_s=5.0, creative_features="request")  # the runs switch the cache
         app = create_app(settings, registry_root=work / "registry", feature_store=fs, sink=sink,
                          index=build_inventory(), impressions_topic=topic, keep_stage_log=100_000)
         svc = app.state.service

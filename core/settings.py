@@ -136,7 +136,7 @@ class ServeSettings(BaseModel):
     creative_prior_strength: float = Field(20.0, ge=0)  # Beta pseudo-impressions toward the ad's CTR
     # creative statistics: "request" = read with every request (one batched read with the ads);
     # "cache" = kept in memory, refreshed every creative_cache_refresh_s (the request reads only ads)
-    creative_features: str = Field("request", pattern="^(request|cache)$")
+    creative_features: str = Field("cache", pattern="^(request|cache)$")
     creative_cache_refresh_s: float = Field(5.0, gt=0)
     feature_timeout_s: float = Field(0.1, gt=0)  # a feature read slower than this is given up (degraded)
     feature_retry_s: float = Field(1.0, ge=0)  # after a failed feature read, skip the store this long

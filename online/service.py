@@ -218,26 +218,32 @@ class AdService:
     def _stream_ctr(self, row: dict | None) -> float | None:
         return _num((row or {}).get(f"ctr_{self.tag}"))
 
-    def served_features(self, req: AdRequestData, cand: Candidate, category: str | None,
-                        user_row: dict | None, query_row: dict | None, ad_row: dict | None,
+    def _entity_features(self, ent: str, row: dict | None, out: dict[str, Any]) -> dict[str, Any]:
+        row = row or {}
+        for s in ENTITY_STATS:
+            out[f"{ent}_{s}"] = _num(row.get(s))
+        for t in self.features.tags:
+            out[f"{ent}_ctr_{t}"] = _num(row.get(f"ctr_{t}"))
+        return out
+
+    def request_features(self, req: AdRequestData, category: str | None, user_row: dict | None,
+                         query_row: dict | None) -> dict[str, Any]:
+        """The part of the served features that is the same for every candidate of a request."""
+        base: dict[str, Any] = {"query_category": category or "", "query_len": len(req.query.split())}
+        self._entity_features("user", user_row, base)
+        return self._entity_features("query", query_row, base)
+
+    def served_features(self, base: dict[str, Any], cand: Candidate, ad_row: dict | None,
                         creative_row: dict | None) -> dict[str, Any]:
         """The flat feature dict the ad ranker sees and the impression carries."""
-        f: dict[str, Any] = {
-            "match": cand.match,
-            "top_category": cand.category.split("/", 1)[0] if cand.category else "",
-            "query_category": category or "",
-            "query_len": len(req.query.split()),
-            "n_creatives": len(cand.creatives),
-        }
+        f = dict(base)
+        f["match"] = cand.match
+        f["top_category"] = cand.category.split("/", 1)[0] if cand.category else ""
+        f["n_creatives"] = len(cand.creatives)
         if cand.advertiser:
             f["advertiser"] = cand.advertiser
-        for ent, row in (("user", user_row), ("query", query_row), ("ad", ad_row), ("creative", creative_row)):
-            row = row or {}
-            for s in ENTITY_STATS:
-                f[f"{ent}_{s}"] = _num(row.get(s))
-            for t in self.features.tags:
-                f[f"{ent}_ctr_{t}"] = _num(row.get(f"ctr_{t}"))
-        return f
+        self._entity_features("ad", ad_row, f)
+        return self._entity_features("creative", creative_row, f)
 
     def example(self, req: AdRequestData, cand: Candidate, creative_id: str, position: int,
                 features: dict[str, Any], event_time: float) -> dict[str, Any]:
@@ -325,8 +331,8 @@ class AdService:
         priors = [self._stream_ctr(r) or default for r in ad_rows]
         pos = self.settings.ranking_position
         first = self.settings.ad_ranker_creative == "first"
-        ad_features = [self.served_features(req, c, category, user_row, query_row, ad_rows[j],
-                                            cr_rows[j][0] if first and cr_rows[j] else None)
+        base = self.request_features(req, category, user_row, query_row)
+        ad_features = [self.served_features(base, c, ad_rows[j], cr_rows[j][0] if first and cr_rows[j] else None)
                        for j, c in enumerate(cands)]
         examples = [self.example(req, c, c.creatives[0] if first else "", pos, ad_features[j], event_time)
                     for j, c in enumerate(cands)]
@@ -364,12 +370,8 @@ class AdService:
             ads_out.append({"ad_id": c.ad_id, "creative_id": creative_id, "bidword": c.bidword,
                             "category": c.category, "bid": c.bid, "pctr": pctr, "ecpm": pctr * c.bid,
                             "position": position})
-            served = dict(ad_features[j])
-            crow = cr_rows[j][cr_i] if cr_rows[j] else None
-            for s in ENTITY_STATS:
-                served[f"creative_{s}"] = _num((crow or {}).get(s))
-            for t in self.features.tags:
-                served[f"creative_ctr_{t}"] = _num((crow or {}).get(f"ctr_{t}"))
+            served = self._entity_features("creative", cr_rows[j][cr_i] if cr_rows[j] else None,
+                                           dict(ad_features[j]))
             served["pctr"] = pctr
             imps.append(Impression(
                 request_id=request_id, event_time=event_time, user_id=req.user_id, query=req.query,
