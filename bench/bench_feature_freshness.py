@@ -1,4 +1,5 @@
-"""Feature freshness and feature-updater throughput, on the sqlite and the Redis online store.
+"""Feature freshness and feature-updater throughput: Redis through the lean path, Redis through
+Feast's provider, and sqlite, one after the other in one run.
 
 Phase 1 (freshness): a paced confluent-kafka producer sends impressions (+15% clicks) at ``--rate``
 events/s for ``--seconds`` while the updater runs in-process. Two measures:
@@ -12,7 +13,7 @@ Phase 2 (throughput): ``--backlog`` events are produced first, then a fresh upda
 checkpoint) drains them; events/s = backlog / drain time.
 
     PYTHONPATH=. .venv/bin/python bench/bench_feature_freshness.py --seconds 20 --rate 10000 \\
-        --stores sqlite redis --out bench/results/feature_freshness.json
+        --stores redis redis-feast sqlite --out bench/results/feature_freshness.json
 
 Starts its own broker (embedded, free port) and redis-server unless --bootstrap / --redis-url.
 """
@@ -111,7 +112,8 @@ def run_store(store: str, bootstrap: str, redis_url: str, args, work: Path) -> d
         return Settings(kafka=KafkaSettings(bootstrap=bootstrap, topics=topics),
                         features=FeatureSettings(repo_dir=work / f"{store}-{tag}-repo",
                                                  checkpoint_dir=work / f"{store}-{tag}-ckpt",
-                                                 online_store=store, redis_url=redis_url,
+                                                 online_store="redis" if store.startswith("redis") else store,
+                                                 fast_path=store != "redis-feast", redis_url=redis_url,
                                                  flush_interval_s=args.flush_interval))
 
     # ---- phase 1: steady rate ----
@@ -214,7 +216,10 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--backlog", type=int, default=100_000)
     p.add_argument("--flush-interval", type=float, default=0.5)
-    p.add_argument("--stores", nargs="+", default=["sqlite", "redis"], choices=["sqlite", "redis"])
+    p.add_argument("--stores", nargs="+", default=["redis", "redis-feast", "sqlite"],
+                   choices=["sqlite", "redis", "redis-feast"],
+                   help="redis = Redis through the lean path (features.redis_online), redis-feast = the "
+                        "same Redis through Feast's provider")
     p.add_argument("--bootstrap", help="existing Kafka (default: start an embedded broker)")
     p.add_argument("--redis-url", help="existing Redis host:port (default: start redis-server)")
     p.add_argument("--out", default="bench/results/feature_freshness.json")
@@ -230,7 +235,7 @@ def main() -> int:
             broker = EmbeddedBroker(BrokerSettings(), data_dir=work / "broker", port=0).start()
             bootstrap = broker.bootstrap
         redis_url = args.redis_url
-        if "redis" in args.stores and not redis_url:
+        if any(s.startswith("redis") for s in args.stores) and not redis_url:
             from streams.broker import free_port
 
             port = free_port()
@@ -239,10 +244,17 @@ def main() -> int:
                  "--dir", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             redis_url = f"127.0.0.1:{port}"
             time.sleep(0.5)
-        results = {"rate_target": args.rate, "seconds": args.seconds, "flush_interval_s": args.flush_interval,
+        import os
+
+        results = {"load_avg_1m_at_start": os.getloadavg()[0], "rate_target": args.rate, "seconds": args.seconds, "flush_interval_s": args.flush_interval,
                    "bootstrap_kind": getattr(broker, "kind", "external"), "stores": {}}
         for store in args.stores:
             print(f"== {store}", flush=True)
+            if store.startswith("redis") and redis_proc is not None:  # our own server: start empty
+                import redis
+
+                host, port = redis_url.rsplit(":", 1)
+                redis.Redis(host=host, port=int(port)).flushall()
             results["stores"][store] = r = run_store(store, bootstrap, redis_url or "", args, work)
             print(json.dumps(r, indent=2), flush=True)
         out = Path(args.out)

@@ -233,9 +233,13 @@ class FeatureStoreClient:
 
         if not cols or not cols[JOIN_KEYS[etype]]:
             return None
-        df = pd.DataFrame({c: cols[c] for c in [JOIN_KEYS[etype], *self.feature_names]})
+        import numpy as np
+
+        # typed arrays up front: pandas' inference over Python lists cost more than the write
+        data: dict[str, Any] = {JOIN_KEYS[etype]: cols[JOIN_KEYS[etype]]}
         for name, kind in self.schema:
-            df[name] = df[name].astype("int64" if kind == "int" else "float64")
+            data[name] = np.asarray(cols[name], dtype=np.int64 if kind == "int" else np.float64)
+        df = pd.DataFrame(data)
         df[feast_repo.TIMESTAMP_FIELD] = pd.to_datetime(df["event_time"], unit="s", utc=True).dt.floor("us")
         # created = newest event time + (events in the row) µs: among versions of a row with the same
         # newest event time the one holding more (late) events sorts last, independent of the

@@ -133,6 +133,8 @@ class FeatureUpdater:
         self._consumer: Consumer | None = None
         self.records = 0
         self.dead = 0
+        self._records_in: dict[str, Any] = {}
+        self._processing_latency = self.metrics.processing_latency.labels(WORKER)
 
     # ---- setup ---------------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -189,7 +191,10 @@ class FeatureUpdater:
         raw = msg.value()
         self.offsets[(topic, part)] = off + 1
         self.records += 1
-        self.metrics.records_in.labels(WORKER, topic).inc()
+        counter = self._records_in.get(topic)
+        if counter is None:  # labelled children cached: .labels() costs more than the fold
+            counter = self._records_in[topic] = self.metrics.records_in.labels(WORKER, topic)
+        counter.inc()
         ts_type, ts_ms = msg.timestamp()
         try:
             event = decode(raw, self.expected[topic], now=now)
@@ -203,7 +208,7 @@ class FeatureUpdater:
         if ts_type != 0 and ts_ms > 0:  # 0 = TIMESTAMP_NOT_AVAILABLE
             t = ts_ms / 1000.0
             self._pending_append_ts.append(t)
-            self.metrics.processing_latency.labels(WORKER).observe(max(0.0, now - t))
+            self._processing_latency.observe(max(0.0, now - t))
 
     def _dead_letter(self, topic: str, part: int, off: int, raw: bytes | None, err: InvalidRecord) -> None:
         self.dead += 1
@@ -228,8 +233,9 @@ class FeatureUpdater:
         push_s = time.perf_counter() - t0
         fresh = [max(0.0, done - t) for t in self._pending_append_ts]
         self._pending_append_ts = []
+        observe = self.metrics.feature_freshness.observe
         for f in fresh:
-            self.metrics.feature_freshness.observe(f)
+            observe(f)
         for etype, n in written.items():
             self.metrics.features_written.labels(view_name(etype)).inc(n)
         for etype, cols in rows.items():
