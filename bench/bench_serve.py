@@ -201,6 +201,7 @@ def main() -> int:
     redis_proc = None
     srv = None
     sink = None
+    topic = "impressions"
     try:
         redis_url = args.redis_url
         if not redis_url:
@@ -314,6 +315,14 @@ def main() -> int:
             srv.stop()
         if sink is not None and hasattr(sink, "close"):
             sink.close(2)
+            from confluent_kafka.admin import AdminClient
+
+            admin = AdminClient({"bootstrap.servers": args.bootstrap})  # held while the futures resolve
+            for fut in admin.delete_topics([topic], request_timeout=30).values():
+                try:
+                    fut.result()
+                except Exception as e:  # noqa: BLE001
+                    print(f"could not delete the benchmark topic {topic}: {e}")
         if redis_proc is not None:
             redis_proc.terminate()
             redis_proc.wait(10)

@@ -190,6 +190,11 @@ def test_parallel_and_sequential_rankings_agree(app_client):
     c, app, _ = app_client
     svc = app.state.service
     before = svc.parallel_calls
+    threads: list[tuple[str, str]] = []
+    rank_ads, rank_creatives = svc.rank_ads, svc.rank_creatives
+    svc.rank_ads = lambda *a: (threads.append(("ad", threading.current_thread().name)), rank_ads(*a))[1]
+    svc.rank_creatives = lambda *a: (threads.append(("creative", threading.current_thread().name)),
+                                     rank_creatives(*a))[1]
     for q in queries(8):
         req = AdRequestData(user_id="u00002", query=q, slots=5, request_id="r")
         par = svc.handle(req, parallel=True)
@@ -197,6 +202,9 @@ def test_parallel_and_sequential_rankings_agree(app_client):
         key = lambda out: [(a["ad_id"], a["creative_id"], round(a["pctr"], 9)) for a in out["ads"]]  # noqa: E731
         assert key(par) == key(seq) and par["ads"]
     assert svc.parallel_calls - before == 8
+    par_threads = {k: name for k, name in threads[0:2]}  # the first request ran in parallel
+    assert par_threads["creative"].startswith("creative-rank") and par_threads["ad"] == threading.current_thread().name
+    assert {k: name for k, name in threads[2:4]} == {"ad": par_threads["ad"], "creative": par_threads["ad"]}
     c.post("/v1/ads", json=body())  # the HTTP path uses the parallel ranker (the default)
     assert svc.parallel_calls - before == 9
 
