@@ -25,7 +25,7 @@ from core.errors import InvalidRecord
 from core.events import Click, Conversion, Impression, dead_letter_record, decode
 from core.metrics import WorkerMetrics
 from core.settings import Settings
-from streams.join import CLICK, CONVERSION, IMPRESSION, DeadLetter, JoinOutput, JoinState
+from streams.join import CLICK, CONVERSION, IMPRESSION, DeadLetter, InputProgress, JoinOutput, JoinState
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,9 @@ BATCH_MAX = 5000
 BATCH_WITHIN_S = 0.1
 COMMIT_INTERVAL_S = 1.0
 # An input partition counts as idle (and stops holding the watermark back) only when it is read up to
-# its high watermark AND nothing arrived on it for this long: the high watermark a consumer knows is
-# from its last fetch, so "caught up" alone can be stale while a fast producer keeps writing.
+# an end offset asked of the broker after its last record arrived AND nothing arrived on it for this
+# long (streams.join.InputProgress): a cached high watermark is stale while a producer keeps writing
+# and, after a rebalance, can predate the partition's new start position.
 IDLE_AFTER_S = 2.0
 
 
@@ -80,13 +81,12 @@ def build_app(
     dlq_topic = app.topic(topics.dead_letter, key_serializer="raw", value_serializer="raw")
 
     state = JoinState(settings.join.attribution_window_s, settings.join.allowed_lateness_s, track_inputs=True)
-    last_seen: dict[tuple[str, int], int] = {}  # (kind, partition) -> last offset processed
-    last_arrival: dict[tuple[str, int], float] = {}  # (kind, partition) -> monotonic time
+    progress = InputProgress(IDLE_AFTER_S)  # which inputs are read to their end
     committed: dict[tuple[str, int], int] = {}  # what this worker committed last
     # next offset to process per topic-partition; records off this sequence are ignored (neither
     # processed nor committed): they are stale copies fetched before a rebalance's seek.
     expected_next: dict[tuple[str, int], int | None] = {}
-    clock = {"last_record": time.monotonic(), "last_commit": 0.0, "assigned": time.monotonic()}
+    clock = {"last_record": time.monotonic(), "last_commit": 0.0}
     gen = {"n": 0}  # bumped by every rebalance
     worker = metrics.worker
     records_in = {t: metrics.records_in.labels(worker, t) for t in kind_of_topic}
@@ -139,22 +139,27 @@ def build_app(
         clock["last_commit"] = now
 
     def update_idle(partitions) -> None:
-        """An input partition is idle when it has been read up to its high watermark."""
-        from faust.types import TP
-
-        consumer = app.consumer
-        quiet_since = time.monotonic() - IDLE_AFTER_S
+        """Tell the join which inputs are read to their end (``streams.join.InputProgress``)."""
+        now = time.monotonic()
         for part in partitions:
-            idle = set()
-            for kind, topic in topic_of_kind.items():
-                tp = TP(topic, part)
-                hw = consumer.highwater(tp)
-                seen = last_seen.get((kind, part))
-                pos = seen + 1 if seen is not None else expected_next.get((topic, part))
-                caught_up = hw is not None and (hw == 0 or (pos is not None and pos >= hw))
-                if caught_up and last_arrival.get((kind, part), clock["assigned"]) < quiet_since:
-                    idle.add(kind)
-            state.set_idle(part, idle)
+            state.set_idle(part, progress.idle_kinds(part, now))
+
+    async def ask_ends() -> None:
+        """Ask the broker for the end offset of every assigned input (not the cached highwater)."""
+        tps = [tp for tp in app.consumer.assignment() if tp.topic in kind_of_topic]
+        if not tps:
+            return
+        asked_at = time.monotonic()
+        horizons = state.horizons()
+        generation = gen["n"]
+        try:
+            ends = await app.consumer.highwaters(*tps)
+        except Exception as e:  # broker busy or a rebalance: try again next tick
+            log.debug("end offsets unavailable: %s", e)
+            return
+        if generation == gen["n"]:
+            progress.end_offsets({(kind_of_topic[tp.topic], tp.partition): off for tp, off in ends.items()},
+                                  asked_at, horizons)
 
     @app.agent(source)
     async def join(stream):
@@ -169,8 +174,7 @@ def build_app(
                     continue  # not ours any more, or a stale copy from before the seek
                 expected_next[key] = msg.offset + 1
                 kind = kind_of_topic[msg.topic]
-                last_seen[(kind, msg.partition)] = msg.offset
-                last_arrival[(kind, msg.partition)] = time.monotonic()
+                progress.arrived(kind, msg.partition, msg.offset, time.monotonic())
                 records_in[msg.topic].inc()
                 if msg.timestamp:
                     latency.observe(max(0.0, now - msg.timestamp))
@@ -196,18 +200,14 @@ def build_app(
             state.advance(flush_all=True)
             await publish_and_commit()
         elif state.partitions:
+            await ask_ends()
             update_idle(list(state.partitions))
             state.advance()
             await publish_and_commit()
-        try:
-            for tp in app.consumer.assignment():
-                hw = app.consumer.highwater(tp)
-                seen = last_seen.get((kind_of_topic.get(tp.topic, ""), tp.partition))
-                pos = seen + 1 if seen is not None else None
-                if hw is not None and pos is not None:
-                    metrics.consumer_lag.labels(worker, tp.topic, str(tp.partition)).set(max(0, hw - pos))
-        except Exception:  # lag is best effort; never let it stop the worker
-            pass
+        for tp in app.consumer.assignment():
+            lag = progress.lag(kind_of_topic.get(tp.topic, ""), tp.partition)
+            if lag is not None:
+                metrics.consumer_lag.labels(worker, tp.topic, str(tp.partition)).set(lag)
 
     @app.on_partitions_assigned.connect
     async def on_assigned(app_, assigned=(), **kwargs):
@@ -216,17 +216,18 @@ def build_app(
         # process each partition strictly in offset order from there.
         gen["n"] += 1
         state.revoke(list(state.partitions))
-        last_seen.clear()
-        last_arrival.clear()
-        clock["assigned"] = time.monotonic()
+        progress.reset(time.monotonic(), {})
         committed.clear()
         seeked = await app.consumer.seek_to_committed()
         expected_next.clear()
+        start = {}
         for tp in assigned:
             if tp.topic in kind_of_topic:
                 off = seeked.get(tp)
                 # nothing committed yet: accept the first record delivered (the log start)
                 expected_next[(tp.topic, tp.partition)] = off if off is not None and off >= 0 else None
+                start[(kind_of_topic[tp.topic], tp.partition)] = expected_next[(tp.topic, tp.partition)]
+        progress.reset(time.monotonic(), start)
         log.info("assigned partitions %s; state rebuilt from committed offsets",
                  sorted({tp.partition for tp in assigned if tp.topic in kind_of_topic}))
 

@@ -14,13 +14,13 @@ import signal
 import threading
 import time
 
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from core.errors import InvalidRecord
 from core.events import Click, Conversion, Impression, dead_letter_record, decode
 from core.metrics import WorkerMetrics
 from core.settings import Settings
-from streams.join import CLICK, CONVERSION, IMPRESSION, DeadLetter, JoinState
+from streams.join import CLICK, CONVERSION, IMPRESSION, DeadLetter, InputProgress, JoinState
 from streams.joiner import COMMIT_INTERVAL_S, IDLE_AFTER_S, count_outputs, dead_letter_key
 from streams.kafka_io import make_producer
 
@@ -45,9 +45,7 @@ class KafkaJoiner:
         self.idle_flush_s = idle_flush_s
         self.state = JoinState(settings.join.attribution_window_s, settings.join.allowed_lateness_s,
                                track_inputs=True)
-        self.last_seen: dict[tuple[str, int], int] = {}
-        self.last_arrival: dict[tuple[str, int], float] = {}
-        self.assigned_at = time.monotonic()
+        self.progress = InputProgress(IDLE_AFTER_S)
         self.committed: dict[tuple[str, int], int] = {}
         self.assigned: set[int] = set()
         self.start_offsets: dict[tuple[str, int], int | None] = {}
@@ -66,18 +64,17 @@ class KafkaJoiner:
     # -- rebalance ----------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         self.assigned = {p.partition for p in parts}
-        self.assigned_at = time.monotonic()
         # where reading restarts (the committed offsets): the position of inputs not read yet
-        self.start_offsets = {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
-                              for tp in consumer.committed(parts, timeout=10)}
+        start = {(self.kind_of_topic[tp.topic], tp.partition): (tp.offset if tp.offset >= 0 else None)
+                 for tp in consumer.committed(parts, timeout=10)}
+        self.progress.reset(time.monotonic(), start)
         log.info("assigned partitions %s; state rebuilt from committed offsets", sorted(self.assigned))
 
     def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         self._publish()
         self._commit(force=True)
         self.state.revoke(list(self.state.partitions))
-        self.last_seen.clear()
-        self.last_arrival.clear()
+        self.progress.reset(time.monotonic(), {})
         self.committed.clear()
         self.assigned = set()
 
@@ -106,8 +103,7 @@ class KafkaJoiner:
                         continue
                     topic, part, off = m.topic(), m.partition(), m.offset()
                     kind = self.kind_of_topic[topic]
-                    self.last_seen[(kind, part)] = off
-                    self.last_arrival[(kind, part)] = mono_now
+                    self.progress.arrived(kind, part, off, mono_now)
                     records_in[topic].inc()
                     ts_type, ts = m.timestamp()
                     if ts > 0:
@@ -132,6 +128,7 @@ class KafkaJoiner:
                     self.state.advance(flush_all=True)
                 if mono - last_house > HOUSEKEEPING_S:
                     last_house = mono
+                    self._ask_ends()
                     self._update_idle(list(self.state.partitions))
                     self.state.advance()
                     self._lag()
@@ -193,35 +190,33 @@ class KafkaJoiner:
         for part, wm in self.state.watermarks().items():
             self.metrics.watermark.labels(f"{self.metrics.worker}-p{part}").set(wm if wm > -1e18 else 0)
 
-    def _position(self, topic: str, part: int) -> int | None:
-        seen = self.last_seen.get((self.kind_of_topic[topic], part))
-        if seen is not None:
-            return seen + 1
-        return self.start_offsets.get((topic, part))
+    def _ask_ends(self) -> None:
+        """Ask the broker for the end offset of every assigned input (not the cached value)."""
+        asked_at = time.monotonic()
+        horizons = self.state.horizons()
+        ends = {}
+        for part in self.assigned:
+            for topic, kind in self.kind_of_topic.items():
+                try:
+                    _, hw = self.consumer.get_watermark_offsets(TopicPartition(topic, part), timeout=2, cached=False)
+                except Exception as e:  # broker busy or a rebalance: try again next time
+                    log.debug("end offset of %s[%d] unavailable: %s", topic, part, e)
+                    continue
+                ends[(kind, part)] = hw
+        self.progress.end_offsets(ends, asked_at, horizons)
 
     def _update_idle(self, partitions) -> None:
-        """An input partition is idle when it has been read up to its high watermark and nothing
-        arrived on it for IDLE_AFTER_S (see streams.joiner)."""
-        quiet_since = time.monotonic() - IDLE_AFTER_S
+        """Tell the join which inputs are read to their end (``streams.join.InputProgress``)."""
+        now = time.monotonic()
         for part in partitions:
-            idle = set()
-            for kind, topic in self.topic_of_kind.items():
-                _, hw = self.consumer.get_watermark_offsets(TopicPartition(topic, part), cached=True)
-                if hw == OFFSET_INVALID or hw < 0:
-                    continue  # not fetched yet: unknown, so not idle
-                pos = self._position(topic, part)
-                caught_up = hw == 0 or (pos is not None and pos >= hw)
-                if caught_up and self.last_arrival.get((kind, part), self.assigned_at) < quiet_since:
-                    idle.add(kind)
-            self.state.set_idle(part, idle)
+            self.state.set_idle(part, self.progress.idle_kinds(part, now))
 
     def _lag(self) -> None:
         for part in self.assigned:
-            for topic in self.kind_of_topic:
-                _, hw = self.consumer.get_watermark_offsets(TopicPartition(topic, part), cached=True)
-                pos = self._position(topic, part)
-                if hw >= 0 and pos is not None:
-                    self.metrics.consumer_lag.labels(self.metrics.worker, topic, str(part)).set(max(0, hw - pos))
+            for topic, kind in self.kind_of_topic.items():
+                lag = self.progress.lag(kind, part)
+                if lag is not None:
+                    self.metrics.consumer_lag.labels(self.metrics.worker, topic, str(part)).set(lag)
 
 
 def run_worker(settings: Settings, bootstrap: str, app_id: str = "adstream-joiner",

@@ -111,3 +111,60 @@ def test_restart_from_committed_offsets_gives_same_examples():
             assert got.get(e.key, e.to_json()) == e.to_json(), "same key must carry the same content"
             got[e.key] = e.to_json()
         assert got == expected
+
+
+# -- InputProgress: when an input may stop holding the watermark back ---------------------------
+
+def test_input_progress_needs_a_fresh_end_offset_and_quiet():
+    from streams.join import InputProgress
+
+    pr = InputProgress(quiet_s=2.0)
+    pr.reset(100.0, {("impression", 0): 10, ("click", 0): 5})
+    assert set(pr.idle_kinds(0, 200.0)) == set()  # no end offset asked yet: unknown, so not idle
+    pr.end_offsets({("impression", 0): 10, ("click", 0): 9}, asked_at=101.0)
+    assert set(pr.idle_kinds(0, 101.5)) == set()  # caught up but not quiet for 2 s since the assignment
+    assert set(pr.idle_kinds(0, 103.0)) == {"impression"}  # clicks: 5 < 9, still records to read
+    pr.arrived("click", 0, 8, now=104.0)
+    assert set(pr.idle_kinds(0, 110.0)) == {"impression"}  # the end offset predates the last arrival
+    pr.end_offsets({("click", 0): 9}, asked_at=105.0)
+    assert set(pr.idle_kinds(0, 105.5)) == {"impression"}  # not quiet yet
+    assert set(pr.idle_kinds(0, 106.5)) == {"impression", "click"}
+    assert pr.lag("click", 0) == 0 and pr.lag("conversion", 0) is None
+
+
+def test_input_progress_forgets_end_offsets_from_before_a_rebalance():
+    from streams.join import InputProgress
+
+    pr = InputProgress(quiet_s=0.0)
+    pr.reset(0.0, {("impression", 3): 50})
+    pr.end_offsets({("impression", 3): 50}, asked_at=1.0)
+    assert set(pr.idle_kinds(3, 2.0)) == {"impression"}
+    # a rebalance: the partition restarts at an older committed offset; the old answer is stale
+    pr.reset(5.0, {("impression", 3): 20})
+    assert set(pr.idle_kinds(3, 9.0)) == set()
+    pr.end_offsets({("impression", 3): 80}, asked_at=4.0)  # asked before the reassignment
+    assert set(pr.idle_kinds(3, 9.0)) == set()
+    pr.end_offsets({("impression", 3): 80}, asked_at=6.0)
+    assert set(pr.idle_kinds(3, 9.0)) == set()  # 20 < 80: a backlog to re-read
+    pr.end_offsets({("impression", 3): 0}, asked_at=7.0)
+    assert set(pr.idle_kinds(3, 9.0)) == {"impression"}  # an empty partition is always caught up
+
+
+def test_an_idle_input_holds_the_watermark_at_its_horizon():
+    """Both inputs pause; clicks resume far ahead in event time before the impressions written at
+    the same moment arrive: the impressions must not be late (this lost examples on rebalances)."""
+    st = JoinState(window_s=60.0, lateness_s=5.0, track_inputs=True)
+    imp0 = imp("r0", "a0", 1000.0)
+    st.add("impression", 0, 0, imp0)
+    st.add("click", 0, 0, clk("r0", "a0", 1001.0))
+    st.set_idle(0, {"impression": 1001.0, "click": 1001.0, "conversion": 1001.0})
+    assert st.part(0).watermark == 996.0
+    # the producer resumes with a backlog: clicks are delivered first, up to t=1150, before the
+    # impression at t=1080 that was written with them (its window closes at 1140)
+    st.add("click", 0, 1, clk("r1", "a1", 1085.0))
+    st.add("click", 0, 2, clk("r2", "a2", 1150.0))
+    st.set_idle(0, {"impression": 1001.0, "conversion": 1001.0})
+    assert st.part(0).watermark == 996.0  # not 1145: the impressions input may still bring t >= 1001
+    st.add("impression", 0, 1, imp("r1", "a1", 1080.0))
+    st.advance()
+    assert not st.out.dead and st.out.stats["click_matched"] == 2

@@ -184,10 +184,6 @@ def test_bad_input_goes_to_dead_letter_and_the_rest_is_unaffected(bootstrap, top
     assert labels(by_key) == exp
 
 
-@pytest.mark.xfail(
-    reason="known bug: after a consumer-group rebalance with records in flight some open windows "
-    "are lost (see docs/architecture.md, 'Known issues'); single-worker crash/restart is exact",
-    strict=False)
 @pytest.mark.parametrize("leave", [False, True])
 def test_two_workers_split_partitions_and_one_leaving_loses_nothing(bootstrap, topic_names, unique_topic_prefix, tmp_path, runtime, leave):
     events = world_slice(seed=14, duration=300.0, rps=5.0)
