@@ -40,26 +40,19 @@ except ImportError:  # pragma: no cover - hiredis is a base requirement
 
 #: a row is written when the stored event time is absent or not newer than the row's
 WRITE_LUA = """
--- ARGV: nf, j (position of the event_time feature among the nf values), nf field names,
--- then nf values per key; a value of event_time is a serialised Value{double_val}
-local nf = tonumber(ARGV[1])
-local j_et = tonumber(ARGV[2])
-local etf = ARGV[2 + j_et]
-local base = 2 + nf
+-- ARGV: n2 (arguments per row), p (position of the event_time value in a row's arguments), the
+-- event_time field; then per key n2 arguments: field, value, field, value, ... (HSET's own order)
+local n2 = tonumber(ARGV[1])
+local p_et = tonumber(ARGV[2])
+local etf = ARGV[3]
 local written = 0
-local args = {}
-for j = 1, nf do args[2 * j - 1] = ARGV[2 + j] end
 for i = 1, #KEYS do
-  local off = base + (i - 1) * nf
-  local t = struct.unpack('<d', ARGV[off + j_et], 2)
+  local off = 3 + (i - 1) * n2
+  local t = struct.unpack('<d', ARGV[off + p_et], 2)
   local old = redis.call('HGET', KEYS[i], etf)
-  local ok = true
-  if old and string.len(old) == 9 and string.byte(old, 1) == 41 then
-    ok = struct.unpack('<d', old, 2) <= t
-  end
-  if ok then
-    for j = 1, nf do args[2 * j] = ARGV[off + j] end
-    redis.call('HSET', KEYS[i], unpack(args))
+  if not (old and string.len(old) == 9 and string.byte(old, 1) == 41
+          and struct.unpack('<d', old, 2) > t) then
+    redis.call('HSET', KEYS[i], unpack(ARGV, off + 1, off + n2))
     written = written + 1
   end
 end
@@ -196,12 +189,18 @@ class _View:
         self.hmget_tail = b"".join(b"$%d\r\n%s\r\n" % (len(f), f) for f in self.read_fields)
 
         self._key_fixed = len(self.key_head) + 4 + len(self.key_tail)
-        # writes: ints, doubles, then _ts (the read order + the timestamp)
-        wf = [*self.read_fields, self.ts_field]
-        self._nf = len(wf)
-        j_et = self.n_int + self.dbl_idx.index(self.names.index("event_time")) + 1
-        self._write_head = b"".join(_bulk(a) for a in [b"%d" % len(wf), b"%d" % j_et, *wf])
-        self._dbl_rec = np.dtype([("h", "S5"), ("v", "<f8"), ("t", "S2")])  # "$9\r\n)" value "\r\n"
+        # writes, per row: (field, value) pairs of the ints, the doubles, then _ts
+        self._nf = len(self.read_fields) + 1
+        q_et = self.n_int + self.dbl_idx.index(self.names.index("event_time"))
+        et_field = self.fields[self.names.index("event_time")]
+        self._write_head = b"".join(_bulk(a) for a in [b"%d" % (2 * self._nf), b"%d" % (2 * q_et + 2),
+                                                       et_field])
+        self._int_field_bulks = [_bulk(self.fields[i]) for i in self.int_idx]
+        self._ts_field_bulk = _bulk(self.ts_field)
+        # one double pair, RESP-framed: "$4\r\n<field>\r\n$9\r\n)" + 8 bytes + "\r\n"
+        self._dbl_heads = [_bulk(self.fields[i]) + b"$9\r\n)" for i in self.dbl_idx]
+        self._dbl_rec = np.dtype([("h", f"S{len(self._dbl_heads[0])}"), ("v", "<f8"), ("t", "S2")])
+        assert len(set(map(len, self._dbl_heads))) == 1
 
     def write_commands(self, cols: Mapping[str, Sequence[Any]], sha: bytes) -> list[bytes]:
         """RESP ``EVALSHA`` commands of :data:`WRITE_LUA` for the rows in ``cols``, :data:`WRITE_CHUNK`
@@ -212,29 +211,32 @@ class _View:
             return []
         n = len(keys)
         dbl = np.empty((n, self.n_dbl), dtype=self._dbl_rec)
-        dbl["h"] = b"$9\r\n)"
         dbl["t"] = b"\r\n"
         for j, i in enumerate(self.dbl_idx):
+            dbl["h"][:, j] = self._dbl_heads[j]
             dbl["v"][:, j] = np.asarray(cols[self.names[i]], dtype=np.float64)
         blob = dbl.tobytes()
-        width = 15 * self.n_dbl
-        int_cols = [cols[self.names[i]] for i in self.int_idx]
+        width = self._dbl_rec.itemsize * self.n_dbl
+        int_cols = list(zip(self._int_field_bulks, (cols[self.names[i]] for i in self.int_idx)))
+        ts_field = self._ts_field_bulk
         times = cols["event_time"]
         head, tail, fixed = self.key_head, self.key_tail, self._key_fixed
         cmds = []
         for lo in range(0, n, WRITE_CHUNK):
             hi = min(lo + WRITE_CHUNK, n)
             m = hi - lo
-            parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n%b" % (3 + m + 2 + self._nf + m * self._nf,
+            parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n%b" % (3 + m + 3 + m * 2 * self._nf,
                                                                   sha, _bulk(b"%d" % m))]
             for k in keys[lo:hi]:
                 kb = k.encode()
                 parts.append(b"$%d\r\n%b%b%b%b\r\n" % (fixed + len(kb), head, _U32.pack(len(kb)), kb, tail))
             parts.append(self._write_head)
             for r in range(lo, hi):
-                for c in int_cols:
+                for f, c in int_cols:
+                    parts.append(f)
                     parts.append(_int64_bulk(int(c[r])))
                 parts.append(blob[r * width:(r + 1) * width])
+                parts.append(ts_field)
                 parts.append(_bulk(timestamp_bytes(times[r])))
             cmds.append(b"".join(parts))
         return cmds
