@@ -24,9 +24,12 @@ Run by every process of a ``torch.distributed`` job (the caller initialises the 
   (``distill``). The prior model is the model as it was at the start of the window: its logits
   for every local batch of the window are computed *before* training on it (one forward pass of
   the same sharded model in eval mode), which is the same prior as the single-process snapshot.
-- Loss is a mean over the local rows. DDP averages the dense gradients over the ranks and
-  TorchRec divides the embedding gradients by the world size in its all-to-all backward
+- Loss is a mean over the local rows, weighted by ``k·N/n`` (``k`` local rows, ``n`` global,
+  ``N`` ranks). DDP averages the dense gradients over the ranks and TorchRec divides the
+  embedding gradients by the world size in its all-to-all backward
   (``comm_ops.GRADIENT_DIVISION``), so a step equals a step on the mean loss of the global batch.
+- The embedding collection is wrapped in :class:`FieldOrder`: a sharded collection returns its
+  pooled embeddings grouped by rank, and the network reads them in field order.
 - Not supported under DMP (refused with a clear error): the Feature Prior (``fp != "off"``), the
   logit-chain Model Prior (``mp="logit"``) and id expiry (``ttl``), which would need per-row
   resets of sharded tables.
@@ -48,7 +51,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 import torchrec
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from models.ctr.backbones import build_backbone
 from models.ctr.features import ModelInput, RawBatch, RunningStandardizer, concat, iter_batches, make_kjt, raw_from_frame
@@ -60,6 +63,7 @@ from models.evaluation import Columns, EvalConfig, _check_hygiene, _report, peri
 
 log = logging.getLogger(__name__)
 
+EBC_PATH = "ebc.collection"  # where the EmbeddingBagCollection sits in the network
 SHARDINGS = ("table_wise", "column_wise")
 PLANNERS = ("manual", "torchrec")
 DIST_STRATEGIES = ("finetune", "distill", "ddp-mp")
@@ -129,7 +133,7 @@ def _torchrec_plan(
     module_plan = construct_module_sharding_plan(
         ebc, per_param, local_size=world_size, world_size=world_size, device_type=device_type
     )
-    return ShardingPlan({"ebc": module_plan})
+    return ShardingPlan({EBC_PATH: module_plan})
 
 
 def _planner_plan(net: CTRNet, cfg: CTRConfig, world_size: int, sharding: str, device_type: str, pg: Any) -> Any:
@@ -158,6 +162,28 @@ def _planner_plan(net: CTRNet, cfg: CTRConfig, world_size: int, sharding: str, d
 # ---------------------------------------------------------------------------------------- the network
 
 
+class FieldOrder(torch.nn.Module):
+    """Wraps an embedding collection so its pooled output keys come in field order.
+
+    A sharded collection returns its ``KeyedTensor`` grouped by rank (rank 0's tables first), but
+    ``CTRNet`` reads ``values()`` positionally: per-field dims, the FM's stacked view and the MLP
+    input all assume field order. Reordering keeps the network the same function under every plan.
+    """
+
+    def __init__(self, collection: torch.nn.Module, keys: Sequence[str]) -> None:
+        super().__init__()
+        self.collection = collection
+        self.keys = list(keys)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
+        kt = self.collection(kjt)
+        if list(kt.keys()) == self.keys:
+            return kt
+        d = kt.to_dict()
+        return KeyedTensor.from_tensor_list(self.keys, [d[k] for k in self.keys])
+
+
+
 def build_dist_net(cfg: CTRConfig) -> CTRNet:
     """The single-process network with a meta-device ``EmbeddingBagCollection`` (sharded later).
 
@@ -182,7 +208,8 @@ def build_dist_net(cfg: CTRConfig) -> CTRNet:
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
     apply_optimizer_in_backward(opt_cls[cfg.emb_optimizer], ebc.parameters(), {"lr": cfg.emb_lr})
-    return CTRNet(ebc, backbone, [f.name for f in cfg.fields], dims, len(cfg.numeric), "off", cfg.fp_use, None)
+    names = [f.name for f in cfg.fields]
+    return CTRNet(FieldOrder(ebc, names), backbone, names, dims, len(cfg.numeric), "off", cfg.fp_use, None)  # type: ignore[arg-type]
 
 
 def _split(n: int, world: int, rank: int) -> np.ndarray:
@@ -203,6 +230,7 @@ def _padded(idx: np.ndarray, width: int) -> np.ndarray:
 class _Local:
     inp: ModelInput
     n_valid: int  # rows beyond n_valid are padding (every rank runs the same local batch size)
+    n_global: int  # rows of the global batch
 
 
 class DistCTRLearner:
@@ -251,9 +279,9 @@ class DistCTRLearner:
         net = build_dist_net(config)
         if planner == "torchrec":
             plan = _planner_plan(net, config, self.world, sharding, self.device.type, self.pg)
-            self.tables = {t: list(ps.ranks or []) for t, ps in plan.plan["ebc"].items()}
+            self.tables = {t: list(ps.ranks or []) for t, ps in plan.plan[EBC_PATH].items()}
         else:
-            plan = _torchrec_plan(net.ebc, self.tables, self.world, sharding, self.device.type)
+            plan = _torchrec_plan(net.ebc.collection, self.tables, self.world, sharding, self.device.type)
         self.model = DistributedModelParallel(
             net, env=ShardingEnv.from_process_group(self.pg), device=self.device, plan=plan
         )
@@ -342,7 +370,7 @@ class DistCTRLearner:
             labels=torch.from_numpy(np.ascontiguousarray(raw.labels[idx], dtype=np.float32)).to(dev),
             value_counts=torch.from_numpy(counts[idx]).to(dev),
         )
-        return _Local(inp, len(mine))
+        return _Local(inp, len(mine), n)
 
     # ------------------------------------------------------------------ forward / loss
     def _logits(self, inp: ModelInput) -> torch.Tensor:
@@ -378,10 +406,17 @@ class DistCTRLearner:
             inp = replace(inp, labels=inp.labels[:k], value_counts=inp.value_counts[:k] if inp.value_counts is not None else None)
             z = z[:k]
             z_prev = z_prev[:k] if z_prev is not None else None
-        # a rank without rows (a global batch smaller than the world) still takes part in the collectives
-        loss = self._main_loss(z, inp, z_prev) if k > 0 else z.sum() * 0.0
+        if k == 0:  # a global batch smaller than the world: this rank still joins the collectives
+            loss = z.sum() * 0.0
+            weight = 1.0
+        else:
+            loss = self._main_loss(z, inp, z_prev)
+            # DDP and TorchRec average gradients over the ranks; weighting the local mean by
+            # k·N/n makes that average the gradient of the global-batch mean even when the
+            # slices differ in size (n not divisible by N)
+            weight = k * self.world / loc.n_global
         self.dense_opt.zero_grad(set_to_none=True)
-        loss.backward()  # all-to-all + fused embedding update; DDP all-reduce of dense gradients
+        (loss * weight).backward()  # all-to-all + fused embedding update; DDP all-reduce of dense gradients
         self.dense_opt.step()
         return float(loss.detach())
 
