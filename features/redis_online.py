@@ -321,6 +321,12 @@ class RedisFeatureIO:
         kw = parse_redis_url(url)
         kw.setdefault("socket_timeout", timeout_s)
         kw.setdefault("socket_connect_timeout", timeout_s)
+        # fail fast: redis-py's default retries with backoff would hold a request for seconds while
+        # Redis is down; callers (the online service's breaker, the updater's restart) decide
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        kw.setdefault("retry", Retry(NoBackoff(), 0))
         self.redis = redis.Redis(**kw)
         self.views = {e: _View(project, v, jk, schema) for e, (v, jk) in views.items()}
         import hashlib
@@ -379,6 +385,14 @@ class RedisFeatureIO:
         return out
 
     def _roundtrip(self, packed: bytes, n: int) -> list[Any]:
+        """Send ``packed`` (n commands) and read n replies. A pooled connection that turns out to
+        be dead (Redis restarted) is replaced once; reads and writes here are idempotent."""
+        try:
+            return self._roundtrip_once(packed, n)
+        except redis.exceptions.ConnectionError:
+            return self._roundtrip_once(packed, n)
+
+    def _roundtrip_once(self, packed: bytes, n: int) -> list[Any]:
         pool = self.redis.connection_pool
         conn = pool.get_connection()
         try:

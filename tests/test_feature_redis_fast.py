@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import socket
+import time
 from datetime import datetime, timezone
 
 import pytest
@@ -30,7 +31,18 @@ def rdb(redis_server):
     return r
 
 
-def make(redis_server, tmp_path, fast: bool, apply: bool = True, url: str | None = None):
+@pytest.fixture(scope="module")
+def tmp_path(tmp_path_factory, redis_server):
+    """One Feast repository for the module, applied once (apply is the slow part)."""
+    from features.store import FeatureStoreClient
+
+    d = tmp_path_factory.mktemp("fast")
+    FeatureStoreClient(FeatureSettings(repo_dir=d / "repo", online_store="redis",
+                                       redis_url=redis_server.address, half_lives_s=HL))
+    return d
+
+
+def make(redis_server, tmp_path, fast: bool, apply: bool = False, url: str | None = None):
     from features.store import FeatureStoreClient
 
     settings = FeatureSettings(repo_dir=tmp_path / "repo", online_store="redis",
@@ -60,7 +72,7 @@ def test_fast_writer_writes_feasts_bytes(redis_server, rdb, tmp_path):
     assert feast_path.push(rows, to="online")["ad"] == 6
     by_feast = dump(rdb)
     rdb.flushall()
-    fast = make(redis_server, tmp_path, fast=True, apply=False)
+    fast = make(redis_server, tmp_path, fast=True)
     assert fast.fast_path and fast.push(rows, to="online")["ad"] == 6
     by_fast = dump(rdb)
     assert len(by_fast) == sum(len(c["event_time"]) for c in rows.values())
@@ -71,7 +83,7 @@ def test_fast_and_feast_reads_agree(redis_server, rdb, tmp_path):
     s = folded()
     fast = make(redis_server, tmp_path, fast=True)
     fast.push(s.dirty_rows(), to="online")
-    slow = make(redis_server, tmp_path, fast=False, apply=False)
+    slow = make(redis_server, tmp_path, fast=False)
     ads = ["a1", "äd-2", "x" * 300, "a:4|5", "a0", "never-seen"]
     kw = dict(creative_ids=[f"{a}-c" for a in ads], query="q é", categories=["cat"] * len(ads))
     a, b = fast.read_for_request("u1", ads, **kw), slow.read_for_request("u1", ads, **kw)
@@ -97,14 +109,14 @@ def row(client, key: str, t: float, n: int) -> dict:
 
 def test_newest_event_time_wins_across_writers(redis_server, rdb, tmp_path):
     a = make(redis_server, tmp_path, fast=True)
-    b = make(redis_server, tmp_path, fast=True, apply=False)  # a second writer: no shared cache
+    b = make(redis_server, tmp_path, fast=True)  # a second writer: no shared cache
     assert a.push(row(a, "x", T0 + 100, 5), to="online") == {"ad": 1}
     assert b.push(row(b, "x", T0 + 50, 1), to="online") == {"ad": 0}  # older: dropped in Redis
     assert a.read("ad", ["x"])["x"]["impressions"] == 5
     assert b.push(row(b, "x", T0 + 100, 7), to="online") == {"ad": 1}  # equal time: written
     assert a.read("ad", ["x"])["x"]["impressions"] == 7
     # a row written by Feast's path is respected too, and shuffled batches end at the newest
-    slow = make(redis_server, tmp_path, fast=False, apply=False)
+    slow = make(redis_server, tmp_path, fast=False)
     slow.push(row(slow, "y", T0 + 300, 3), to="online")
     assert a.push(row(a, "y", T0 + 299.999999, 9), to="online") == {"ad": 0}
     versions = [(T0 + i * 0.5, i) for i in range(40)]
@@ -118,29 +130,36 @@ def test_newest_event_time_wins_across_writers(redis_server, rdb, tmp_path):
     assert dump(rdb) == before
 
 
-def test_script_reloaded_after_redis_lost_it(redis_server, rdb, tmp_path):
+def test_script_and_connection_recovered_after_redis_lost_them(redis_server, rdb, tmp_path):
     fast = make(redis_server, tmp_path, fast=True)
     fast.push(row(fast, "x", T0, 1), to="online")
     rdb.script_flush()  # what a Redis restart does
     assert fast.push(row(fast, "x", T0 + 1, 2), to="online") == {"ad": 1}
     assert fast.read("ad", ["x"])["x"]["impressions"] == 2
+    rdb.client_kill_filter(_type="normal", skipme=True)  # the pooled connection dies
+    assert fast.read("ad", ["x"])["x"]["impressions"] == 2  # replaced once, no error
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "feast"])
 def test_redis_down_raises_feature_store_unavailable(redis_server, rdb, tmp_path, fast):
     from features.store import FeatureStoreUnavailable
 
-    make(redis_server, tmp_path, fast=fast)  # the registry exists
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{sock.getsockname()[1]}"
     down = make(redis_server, tmp_path, fast=fast, apply=False, url=dead)
+    t0 = time.monotonic()
     with pytest.raises(FeatureStoreUnavailable, match=dead):
         down.read_for_request("u1", ["a1", "a2"])
-    with pytest.raises(FeatureStoreUnavailable):
-        down.read("ad", ["a1"])
-    with pytest.raises(FeatureStoreUnavailable):
-        down.push(row(down, "x", T0, 1), to="online")
+    if fast:  # no retries with backoff on the fast path: a request fails at once
+        assert time.monotonic() - t0 < 1.0
+        with pytest.raises(FeatureStoreUnavailable):
+            down.read("ad", ["a1"])
+        with pytest.raises(FeatureStoreUnavailable):
+            down.push(row(down, "x", T0, 1), to="online")
+    else:  # Feast's client retries with backoff (seconds): one write is enough
+        with pytest.raises(FeatureStoreUnavailable):
+            down.push(row(down, "x", T0, 1), to="online")
 
 
 def test_timestamp_bytes_match_feast_rounding():
