@@ -44,9 +44,9 @@ from core.errors import AdstreamError, ConfigError, InvalidRecord
 from core.events import Click, Impression, dead_letter_record, decode
 from core.metrics import WorkerMetrics
 from core.settings import Settings, load_settings
-from features.aggregates import AggregateState
+from features.aggregates import JOIN_KEYS, AggregateState
 from features.repo import view_name
-from features.store import FeatureStoreClient
+from features.store import FeatureStoreClient, FeatureStoreUnavailable
 from streams.broker import resolve_bootstrap
 from streams.kafka_io import CountingProducer, make_producer
 
@@ -133,6 +133,8 @@ class FeatureUpdater:
         self._consumer: Consumer | None = None
         self.records = 0
         self.dead = 0
+        self.push_failures = 0  # consecutive online pushes that found the store unavailable
+        self._retry_push_at = 0.0  # monotonic time before which no push is tried (backoff)
         self._records_in: dict[str, Any] = {}
         self._processing_latency = self.metrics.processing_latency.labels(WORKER)
 
@@ -224,11 +226,26 @@ class FeatureUpdater:
 
     # ---- flush and checkpoint ------------------------------------------------------------------
     def flush(self) -> FlushStats | None:
-        if not self.state.has_dirty():
+        if not self.state.has_dirty() or time.monotonic() < self._retry_push_at:
             return None
         rows = self.state.dirty_rows(clear=True)
         t0 = time.perf_counter()
-        written = self.client.push(rows, to="online")
+        try:
+            written = self.client.push(rows, to="online")
+        except FeatureStoreUnavailable as e:
+            # keep consuming and folding; the rows stay dirty and go out with the next flush (no
+            # checkpoint is taken while rows are unpushed, so a crash meanwhile loses nothing)
+            for etype, cols in rows.items():
+                self.state.dirty[etype].update(cols[JOIN_KEYS[etype]])
+            self.push_failures += 1
+            self._retry_push_at = time.monotonic() + min(5.0, 0.25 * 2 ** min(self.push_failures, 5))
+            if self.push_failures == 1 or self.push_failures % 20 == 0:
+                log.warning("online push failed (%d in a row), retrying at the next flush: %s",
+                            self.push_failures, e)
+            return None
+        if self.push_failures:
+            log.info("online store back after %d failed pushes", self.push_failures)
+            self.push_failures = 0
         done = time.time()
         push_s = time.perf_counter() - t0
         fresh = [max(0.0, done - t) for t in self._pending_append_ts]

@@ -220,3 +220,42 @@ def test_kill_9_mid_stream_gives_the_same_features(bootstrap, topic_names, tmp_p
     dl = read_topic(bootstrap, topic_names.dead_letter)
     # at-least-once: every bad record is there, possibly more than once after a kill
     assert {json.loads(v)["reason"] for _k, v, *_ in dl} == {r for _, r in BAD_IMPRESSIONS + BAD_CLICKS}
+
+
+def test_online_store_outage_keeps_rows_for_the_next_flush(tmp_path):
+    """A push that finds the store unavailable neither crashes the worker nor loses rows: they stay
+    dirty and go out with the first push after the store is back (unit test, no broker)."""
+    from features.store import FeatureStoreUnavailable
+    from streams.feature_updater import FeatureUpdater
+
+    class FlakyClient:
+        def __init__(self):
+            self.down = True
+            self.pushed: list[dict] = []
+
+        def push(self, rows, to="online_and_offline", part=None):
+            if self.down:
+                raise FeatureStoreUnavailable("online feature store (redis at 127.0.0.1:1) unavailable")
+            self.pushed.append(rows)
+            return {e: len(c["event_time"]) for e, c in rows.items()}
+
+    settings = Settings(kafka=KafkaSettings(bootstrap="127.0.0.1:1"),
+                        features=FeatureSettings(repo_dir=tmp_path / "repo", checkpoint_dir=tmp_path / "ck"))
+    client = FlakyClient()
+    upd = FeatureUpdater(settings, client=client)  # type: ignore[arg-type]
+    imps, clicks = make_events(50, seed=11)
+    for e in imps:
+        upd.state.apply_impression(e)
+    assert upd.flush() is None and upd.push_failures == 1
+    assert upd.state.has_dirty()
+    upd._retry_push_at = 0.0  # skip the backoff
+    client.down = False
+    for c in clicks:
+        upd.state.apply_click(c)
+    stats = upd.flush()
+    assert stats is not None and upd.push_failures == 0 and not upd.state.has_dirty()
+    (rows,) = client.pushed
+    users = {e.user_id for e in imps} | {c.user_id for c in clicks if c.user_id}
+    assert set(rows["user"]["user_id"]) == users | {"__all__"}
+    i = rows["ad"]["ad_id"].index("__all__")
+    assert rows["ad"]["impressions"][i] == len(imps)
