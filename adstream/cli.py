@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "adstream.cmd_evaluate",
     "adstream.cmd_train_dist",
     "adstream.cmd_serve",
+    "adstream.cmd_simulate",
     "adstream.cmd_demo",
 ]
 

@@ -108,7 +108,8 @@ def delete_topics(bootstrap: str, names: Iterable[str], timeout_s: float = 30.0)
     names = list(names)
     if not names:
         return
-    for name, fut in _admin(bootstrap).delete_topics(names, request_timeout=timeout_s).items():
+    admin = _admin(bootstrap)  # kept alive until the futures resolve (destroying it fails them)
+    for name, fut in admin.delete_topics(names, request_timeout=timeout_s).items():
         try:
             fut.result()
         except KafkaException as e:

@@ -1,0 +1,304 @@
+"""Simulated users: send ad requests to the online service and click what they like.
+
+``simulate_traffic`` draws requests from the synthetic world's users and queries
+(:meth:`core.world.World.sample_request`), POSTs them to ``/v1/ads``, and for every served ad
+samples a click from the world's ground truth, ``World.true_ctr`` (attractiveness × position bias),
+and a conversion from ``World.conversion_prob``. Clicks are produced to the ``clicks`` topic
+(conversions to ``conversions``) keyed by request id, at their own event time (impression time +
+1 s + Exp(click delay)): a heap holds them until the wall clock reaches them, as a real click log
+would deliver them. The service logs the impressions itself, so the joiner sees exactly what was
+served, and the whole system learns from its own traffic.
+
+Event time is the wall clock (the service stamps impressions with the request's
+``context.event_time``), so the workers' clock-skew checks hold.
+
+Everything measured comes back in a :class:`TrafficReport` (requests, errors, latency
+percentiles, served and clicked impressions, the true expected CTR of what was served, and the
+model versions seen, per time bucket), which the demo prints and plots.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from core.events import Click, Conversion, encode
+from core.settings import TopicNames
+from core.world import World
+from streams.kafka_io import make_producer, produce_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Bucket:
+    """What happened in one time bucket of the simulation."""
+
+    start_s: float
+    requests: int = 0
+    errors: int = 0
+    impressions: int = 0
+    clicks: int = 0
+    expected_clicks: float = 0.0  # Σ true click probability of what was served (low-variance CTR)
+    latencies_ms: list[float] = field(default_factory=list)
+    versions: Counter = field(default_factory=Counter)
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.array(self.latencies_ms) if self.latencies_ms else np.array([math.nan])
+        return {
+            "start_s": round(self.start_s, 1),
+            "requests": self.requests,
+            "errors": self.errors,
+            "impressions": self.impressions,
+            "clicks": self.clicks,
+            "ctr": self.clicks / self.impressions if self.impressions else None,
+            "expected_ctr": self.expected_clicks / self.impressions if self.impressions else None,
+            "latency_p50_ms": float(np.nanpercentile(lat, 50)) if self.latencies_ms else None,
+            "latency_p99_ms": float(np.nanpercentile(lat, 99)) if self.latencies_ms else None,
+            "model_versions": dict(self.versions),
+        }
+
+
+@dataclass
+class TrafficReport:
+    requests: int = 0
+    ok: int = 0
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+    impressions: int = 0
+    clicks: int = 0
+    conversions: int = 0
+    expected_clicks: float = 0.0
+    degraded: Counter = field(default_factory=Counter)
+    versions: Counter = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)
+    buckets: list[Bucket] = field(default_factory=list)
+    served: list[dict[str, Any]] = field(default_factory=list)  # (request_id, ad_id, clicked) per served ad
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.array(self.latencies_ms) if self.latencies_ms else np.array([math.nan])
+        pct = {f"latency_p{p}_ms": (float(np.percentile(lat, p)) if self.latencies_ms else None) for p in (50, 90, 99)}
+        return {
+            "requests": self.requests,
+            "ok": self.ok,
+            "errors": self.errors,
+            "error_samples": self.error_samples[:5],
+            "impressions": self.impressions,
+            "clicks": self.clicks,
+            "conversions": self.conversions,
+            "ctr": self.clicks / self.impressions if self.impressions else None,
+            "expected_ctr": self.expected_clicks / self.impressions if self.impressions else None,
+            "requests_per_s": self.requests / self.seconds if self.seconds else None,
+            **pct,
+            "degraded": dict(self.degraded),
+            "model_versions": dict(self.versions),
+            "seconds": round(self.seconds, 1),
+            "buckets": [b.summary() for b in self.buckets],
+        }
+
+
+class _ClickScheduler:
+    """Produces clicks and conversions when the wall clock reaches their event time."""
+
+    def __init__(self, bootstrap: str, topics: TopicNames) -> None:
+        self.producer = make_producer(bootstrap)
+        self.topics = topics
+        self._heap: list[tuple[float, int, str, str, bytes]] = []
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def schedule(self, at: float, topic: str, key: str, value: bytes) -> None:
+        with self._lock:
+            self._seq += 1
+            heapq.heappush(self._heap, (at, self._seq, topic, key, value))
+
+    def due(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        n = 0
+        with self._lock:
+            while self._heap and self._heap[0][0] <= now:
+                _, _, topic, key, value = heapq.heappop(self._heap)
+                produce_json(self.producer, topic, key, value)
+                n += 1
+        return n
+
+    def close(self, wait: bool, timeout_s: float = 120.0) -> None:
+        """Produce what is left: at its time (``wait``) or now; then flush."""
+        deadline = time.monotonic() + timeout_s
+        while wait and self._heap and time.monotonic() < deadline:
+            self.due()
+            time.sleep(0.05)
+        self.due(now=math.inf)
+        self.producer.flush(30)
+
+
+def simulate_traffic(
+    url: str,
+    world: World,
+    bootstrap: str,
+    topics: TopicNames | None = None,
+    *,
+    duration_s: float | None = 60.0,
+    requests: int | None = None,
+    rate: float = 20.0,
+    slots: int = 4,
+    concurrency: int = 4,
+    click_delay_mean_s: float | None = None,
+    conversions: bool = True,
+    seed: int = 0,
+    bucket_s: float = 10.0,
+    wait_for_clicks: bool = True,
+    keep_served: bool = False,
+    stop: threading.Event | None = None,
+    on_bucket: Callable[[Bucket], None] | None = None,
+    timeout_s: float = 5.0,
+) -> TrafficReport:
+    """Send requests at ``rate`` per second for ``duration_s`` seconds (or ``requests`` requests)
+    with ``concurrency`` connections; produce the sampled clicks. Never raises on a failed request:
+    it is counted (and a few messages kept) in the report."""
+    import httpx
+
+    if rate <= 0 or concurrency < 1 or slots < 1:
+        raise ValueError("rate, concurrency and slots must be positive")
+    if duration_s is None and requests is None:
+        raise ValueError("give duration_s or requests")
+    topics = topics or TopicNames()
+    delay_mean = world.config.click_delay_mean_s if click_delay_mean_s is None else click_delay_mean_s
+    rng = random.Random(seed)
+    rlock = threading.Lock()
+    report = TrafficReport()
+    clicks = _ClickScheduler(bootstrap, topics)
+    t_start = time.monotonic()
+    stop = stop or threading.Event()
+    client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s,
+                          limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency))
+
+    def bucket_at(elapsed: float) -> Bucket:
+        with rlock:
+            i = int(elapsed // bucket_s)
+            while len(report.buckets) <= i:
+                b = Bucket(start_s=len(report.buckets) * bucket_s)
+                report.buckets.append(b)
+                if on_bucket is not None and len(report.buckets) > 1:
+                    on_bucket(report.buckets[-2])
+            return report.buckets[i]
+
+    def one(req_no: int) -> None:
+        with rlock:
+            t = time.time()
+            req = world.sample_request(rng, t)
+            u_click = [rng.random() for _ in range(slots)]
+            u_conv = [rng.random() for _ in range(slots)]
+            delays = [1.0 + rng.expovariate(1.0 / delay_mean) if delay_mean > 0 else 1.0 for _ in range(slots)]
+        rid = f"sim-{seed}-{req_no}-{uuid.uuid4().hex[:8]}"
+        body = {"request_id": rid, "user_id": req.user_id, "query": req.query, "slots": slots,
+                "domain": req.domain, "context": {"event_time": t}}
+        t0 = time.perf_counter()
+        try:
+            resp = client.post("/v1/ads", json=body)
+            ms = (time.perf_counter() - t0) * 1000
+            if resp.status_code != 200:
+                raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:200]}")
+            data = resp.json()
+        except Exception as e:  # an error is a measurement, not a reason to stop
+            with rlock:
+                report.requests += 1
+                report.errors += 1
+                if len(report.error_samples) < 20:
+                    report.error_samples.append(str(e)[:300])
+            b = bucket_at(time.monotonic() - t_start)
+            with rlock:
+                b.requests += 1
+                b.errors += 1
+            return
+        b = bucket_at(time.monotonic() - t_start)
+        ads = data.get("ads", [])
+        version = str(data.get("model_versions", {}).get("ctr", "?"))
+        n_click = n_conv = 0
+        exp = 0.0
+        served = []
+        for i, ad in enumerate(ads):
+            pos = int(ad.get("position", i))
+            try:
+                p = world.true_ctr(req.user_id, req.query, ad["ad_id"], ad["creative_id"], pos, t, req.domain)
+            except (KeyError, IndexError, ValueError):
+                p = 0.0  # an ad or creative the world does not know: never clicked
+            exp += p
+            clicked = u_click[i % slots] < p
+            if clicked:
+                n_click += 1
+                ct = t + delays[i % slots]
+                ev = Click(request_id=rid, event_time=ct, ad_id=ad["ad_id"], user_id=req.user_id,
+                           creative_id=ad.get("creative_id", ""), query=req.query,
+                           bidword=ad.get("bidword", ""), category=ad.get("category", ""))
+                clicks.schedule(ct, topics.clicks, rid, encode(ev))
+                if conversions and u_conv[i % slots] < world.conversion_prob(req.user_id, ad["ad_id"]):
+                    n_conv += 1
+                    cv = Conversion(request_id=rid, event_time=ct + 1.0 + delays[i % slots], ad_id=ad["ad_id"],
+                                    user_id=req.user_id, value=round(float(ad.get("bid", 1.0)) * 10, 2))
+                    clicks.schedule(cv.event_time, topics.conversions, rid, encode(cv))
+            if keep_served:
+                served.append({"request_id": rid, "ad_id": ad["ad_id"], "clicked": int(clicked),
+                               "position": pos, "version": version})
+        with rlock:
+            report.requests += 1
+            report.ok += 1
+            report.impressions += len(ads)
+            report.clicks += n_click
+            report.conversions += n_conv
+            report.expected_clicks += exp
+            report.latencies_ms.append(ms)
+            report.versions[version] += 1
+            for d in data.get("degraded", []):
+                report.degraded[str(d)] += 1
+            report.served.extend(served)
+            b.requests += 1
+            b.impressions += len(ads)
+            b.clicks += n_click
+            b.expected_clicks += exp
+            b.latencies_ms.append(ms)
+            b.versions[version] += 1
+
+    interval = 1.0 / rate
+    sent = 0
+    try:
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="traffic") as pool:
+            futures = []
+            while not stop.is_set():
+                elapsed = time.monotonic() - t_start
+                if duration_s is not None and elapsed >= duration_s:
+                    break
+                if requests is not None and sent >= requests:
+                    break
+                target = sent * interval
+                if target > elapsed:
+                    clicks.due()
+                    time.sleep(min(target - elapsed, 0.05))
+                    continue
+                futures.append(pool.submit(one, sent))
+                sent += 1
+                if len(futures) > 4 * concurrency:  # bounded: never queue more than we can send
+                    futures[0].result()
+                    futures = [f for f in futures if not f.done()]
+                clicks.due()
+            for f in futures:
+                f.result()
+    finally:
+        report.seconds = time.monotonic() - t_start
+        clicks.close(wait=wait_for_clicks and not stop.is_set())
+        client.close()
+    if on_bucket is not None and report.buckets:
+        on_bucket(report.buckets[-1])
+    return report
