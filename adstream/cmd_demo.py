@@ -1,8 +1,12 @@
-"""``adstream demo``: the whole streaming backbone on one machine, embedded defaults, no Docker.
+"""``adstream demo``: the whole loop on one machine, embedded defaults, no Docker, no GPU.
 
-Starts the embedded broker, replays a few minutes (event time) of the synthetic world, runs the
-joiner and the feature updater as worker processes, prints a summary (events, examples, features
-written, freshness) and stops everything it started.
+Starts the embedded Kafka broker, replays a few minutes of the synthetic world's history (with its
+bidword inventory), and starts the joiner, the feature updater, the stream trainer (DDP, with a
+fine-tuning shadow for comparison) and the online service as processes. Simulated users then send
+ad requests and click for a few minutes: the service logs what it served, the joiner turns it into
+examples, the trainer publishes gated versions and the service hot-swaps them. The summary shows
+CTR over time, latency percentiles, the model versions served and the per-window AUC of DDP
+against fine-tuning; a PNG plot and a JSON summary are written. Everything started is stopped.
 """
 
 from __future__ import annotations
@@ -10,13 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 log = logging.getLogger("adstream.demo")
@@ -25,65 +25,106 @@ log = logging.getLogger("adstream.demo")
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the streaming backbone end to end on embedded defaults and print a summary",
+        help="run the whole loop (broker, workers, trainer, service, simulated users) and print a summary",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--duration", type=float, default=300.0, help="event-time seconds of synthetic traffic")
-    p.add_argument("--rps", type=float, default=10.0, help="synthetic search requests per second")
-    p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--window", type=float, default=60.0, help="attribution window, seconds")
-    p.add_argument("--timeout", type=float, default=300.0, help="give up waiting after this many seconds")
-    p.add_argument("--keep", action="store_true", help="keep the demo state directory afterwards")
+    p.add_argument("--history", type=float, default=240.0, metavar="S",
+                   help="event-time seconds of synthetic history replayed first (default 240)")
+    p.add_argument("--traffic", type=float, default=150.0, metavar="S",
+                   help="wall seconds of simulated traffic (default 150)")
+    p.add_argument("--rate", type=float, default=15.0, help="simulated requests per second (default 15)")
+    p.add_argument("--seed", type=int, default=7, help="synthetic world seed (default 7)")
+    p.add_argument("--window", type=float, default=30.0, help="attribution window, seconds (default 30)")
+    p.add_argument("--window-examples", type=int, default=1500,
+                   help="examples per training window (default 1500)")
+    p.add_argument("--out", metavar="DIR", help="where the plot and summary go (default .adstream/demo-report)")
+    p.add_argument("--keep", action="store_true", help="keep the demo state (broker log, registry, logs)")
     p.set_defaults(func=_run)
 
 
-def _scrape(port: int) -> dict[str, float]:
-    """Prometheus text format → {name{labels}: value} (enough for a summary)."""
-    out: dict[str, float] = {}
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, val = line.rpartition(" ")
-            try:
-                out[name] = float(val)
-            except ValueError:
-                pass
-    return out
+def _fmt(x, spec: str = ".3f", none: str = "-") -> str:
+    return none if x is None else format(x, spec)
 
 
-def _quantile_from_buckets(metrics: dict[str, float], name: str, q: float) -> float | None:
-    buckets = sorted(
-        (float(k.split('le="')[1].split('"')[0]), v)
-        for k, v in metrics.items() if k.startswith(name + "_bucket") and 'le="+Inf"' not in k
-    )
-    total = metrics.get(name + "_count", 0.0)
-    if not total:
-        return None
-    for le, cum in buckets:
-        if cum >= q * total:
-            return le
-    return float("inf")
+def _print_summary(summary: dict, wall: float, plot: Path | None, out_json: Path) -> None:
+    from adstream.loop import quantile_from_buckets
+
+    tr = summary["traffic"]
+    buckets = [b for b in tr["buckets"] if b["requests"]]
+    print("\n== adstream demo summary ==")
+    print(f"history replayed      : {sum(summary['history'].values())} events")
+    print(f"traffic               : {tr['requests']} requests in {tr['seconds']:.0f}s "
+          f"({_fmt(tr['requests_per_s'], '.1f')}/s), {tr['errors']} errors, "
+          f"{tr['impressions']} ads served, {tr['clicks']} clicks, {tr['conversions']} conversions")
+    print(f"latency (client)      : p50 {_fmt(tr['latency_p50_ms'], '.1f')} ms, "
+          f"p90 {_fmt(tr['latency_p90_ms'], '.1f')} ms, p99 {_fmt(tr['latency_p99_ms'], '.1f')} ms")
+    if buckets:
+        half = max(1, len(buckets) // 2)
+
+        def ctr(bs, key):
+            imp = sum(b["impressions"] for b in bs)
+            return sum((b[key] or 0) * b["impressions"] for b in bs) / imp if imp else None
+
+        print(f"CTR over time         : first half {_fmt(ctr(buckets[:half], 'ctr'), '.2%')} "
+              f"(expected {_fmt(ctr(buckets[:half], 'expected_ctr'), '.2%')}), second half "
+              f"{_fmt(ctr(buckets[half:], 'ctr'), '.2%')} (expected {_fmt(ctr(buckets[half:], 'expected_ctr'), '.2%')})")
+        print("  per bucket          : " + "  ".join(
+            f"{b['start_s']:.0f}s:{_fmt(b['expected_ctr'], '.2%')}" for b in buckets) + "  (expected CTR)")
+    served = tr["model_versions"]
+    print(f"model versions served : {', '.join(f'{v} ({n})' for v, n in served.items())}")
+    reg = summary["registry"]
+    print(f"registry              : {len(reg['published'])} published, {len(reg['rejected'])} rejected, "
+          f"latest {reg['latest']}")
+    wins = summary["windows"]
+    if wins:
+        print("trainer windows       : next-window AUC, DDP vs fine-tuning (gate decision)")
+        for w in wins:
+            print(f"  window {w['window']:3d}  {w['examples']:5d} ex  DDP {_fmt(w.get('auc'))}  "
+                  f"finetune {_fmt(w.get('shadow_auc'))}  {w.get('gate', '-')} {w.get('version') or ''}")
+        scored = [w for w in wins if w.get("auc") is not None and w.get("shadow_auc") is not None]
+        if scored:
+            ddp = sum(w["auc"] for w in scored) / len(scored)
+            ft = sum(w["shadow_auc"] for w in scored) / len(scored)
+            print(f"  mean over {len(scored)} windows: DDP {ddp:.4f}, finetune {ft:.4f}")
+    ex = summary["examples"]
+    print(f"examples              : {ex['total']} ({ex['from_traffic']} from the simulated traffic)")
+    print(f"dead letters          : {summary.get('dead_letters') or 'none'}")
+    fm = summary["metrics"].get("features", {})
+    written = sum(v for k, v in fm.items() if k.startswith("adstream_features_written_total"))
+    before = summary["metrics"].get("features_at_traffic_start", {})
+    live = {k: v - before.get(k, 0.0) for k, v in fm.items()}  # during the traffic, not the history backlog
+    p50 = quantile_from_buckets(live, "adstream_feature_freshness_seconds", 0.5)
+    p99 = quantile_from_buckets(live, "adstream_feature_freshness_seconds", 0.99)
+    print(f"feature rows written  : {int(written)}; freshness during the traffic p50 <= {_fmt(p50, 'g')}s, "
+          f"p99 <= {_fmt(p99, 'g')}s (event appended to Kafka -> readable online)")
+    sm = summary["metrics"].get("serve", {})
+    degraded = {k.split('component="')[1].split('"')[0]: int(v)
+                for k, v in sm.items() if k.startswith("adstream_serve_degraded_total{") and 'component="' in k and v}
+    if degraded:
+        print(f"degraded responses    : {degraded}")
+    print(f"wall time             : {wall:.0f}s")
+    if plot:
+        print(f"plot                  : {plot}")
+    print(f"summary (JSON)        : {out_json}")
 
 
 def _run(args: argparse.Namespace) -> int:
     from adstream.cli import settings_from_args
-    from core.events import Click, Impression
+    from adstream.loop import LoopConfig, plot_loop, run_loop
     from core.settings import BrokerSettings
-    from streams.broker import EmbeddedBroker, free_port
-    from streams.kafka_io import ensure_project_topics, read_topic
-    from streams.replay import replay
-    from streams.sources import synthetic_events
+    from streams.broker import EmbeddedBroker
 
+    if args.traffic <= 0 or args.rate <= 0 or args.history <= 0 or args.window_examples < 10:
+        print("error: --traffic, --rate and --history must be positive, --window-examples >= 10", file=sys.stderr)
+        return 2
     s = settings_from_args(args)
     root = Path(s.state_dir) / "demo"
+    out_dir = Path(args.out) if args.out else Path(s.state_dir) / "demo-report"
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    procs: list[subprocess.Popen] = []
+    out_dir.mkdir(parents=True, exist_ok=True)
     broker = None
     t0 = time.monotonic()
     try:
@@ -96,87 +137,19 @@ def _run(args: argparse.Namespace) -> int:
             broker.start()
             bootstrap = broker.bootstrap
             print(f"broker: {broker.kind} on {bootstrap} (started in {time.monotonic() - t0:.1f}s)")
-        ensure_project_topics(bootstrap, s.kafka)
-
-        start = time.time() - args.duration - 120.0
-        events = list(synthetic_events(seed=args.seed, duration_s=args.duration, rps=args.rps,
-                                       drift="all", start_time=start))
-        n_imp = sum(isinstance(e, Impression) for e in events)
-        n_clk = sum(isinstance(e, Click) for e in events)
-        print(f"synthetic world: {args.duration:.0f}s of traffic, {n_imp} impressions, {n_clk} clicks")
-        res = replay(events, bootstrap, s.kafka.topics, progress=True)
-        print(f"replayed {res['events']} events in {res['seconds']:.1f}s ({res['events_per_s']:.0f}/s)")
-
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        jport, fport = free_port(), free_port()
-        logs = root / "logs"
-        logs.mkdir()
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "streams.joiner", "--bootstrap", bootstrap, "--window", str(args.window),
-             "--lateness", "5", "--idle-flush", "3", "--metrics-port", str(jport)],
-            env=env, stdout=open(logs / "joiner.log", "wb"), stderr=subprocess.STDOUT))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "streams.feature_updater", "--bootstrap", bootstrap,
-             "--repo-dir", str(root / "feature_repo"), "--checkpoint-dir", str(root / "feature_updater"),
-             "--metrics-port", str(fport), "--max-idle", "8"],
-            env=env, stdout=open(logs / "feature_updater.log", "wb"), stderr=subprocess.STDOUT))
-        print(f"workers: joiner (/metrics on 127.0.0.1:{jport}), feature updater (127.0.0.1:{fport}); "
-              f"logs in {logs}")
-
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_imp, unit="ex", desc="examples", mininterval=0.5)
-        deadline = time.monotonic() + args.timeout
-        examples, fmetrics = [], {}
-        while time.monotonic() < deadline:
-            examples = read_topic(bootstrap, s.kafka.topics.examples, timeout_s=20, idle_s=0.2)
-            bar.n = min(len({k for k, *_ in examples}), n_imp)
-            bar.refresh()
-            fm = _scrape(fport)
-            fmetrics = fm or fmetrics
-            updater_done = procs[1].poll() is not None
-            if bar.n >= n_imp and updater_done:
-                break
-            for p in procs:
-                if p.poll() not in (None, 0):
-                    raise SystemExit(f"a worker exited with {p.returncode}; see {logs}")
-            time.sleep(1.0)
-        bar.close()
-
-        keys = {}
-        for k, v, *_ in examples:
-            keys[k] = json.loads(v)
-        pos = sum(e["clicked"] for e in keys.values())
-        dead = read_topic(bootstrap, s.kafka.topics.dead_letter, timeout_s=10, idle_s=0.2)
-        jm = _scrape(jport)
-        written = sum(v for k, v in fmetrics.items() if k.startswith("adstream_features_written_total"))
-        p50 = _quantile_from_buckets(fmetrics, "adstream_feature_freshness_seconds", 0.5)
-        p99 = _quantile_from_buckets(fmetrics, "adstream_feature_freshness_seconds", 0.99)
-        print("\n== adstream demo summary ==")
-        print(f"events produced      : {res['counts']}")
-        print(f"examples             : {len(keys)} distinct ({len(examples)} records), "
-              f"{pos} clicked, CTR {pos / max(1, len(keys)):.3%}")
-        print(f"dead letters         : {len(dead)}")
-        outcomes = {k.split('outcome="')[1].split('"')[0]: int(v) for k, v in jm.items()
-                    if k.startswith("adstream_join_outcomes_total")}
-        print(f"join outcomes        : {outcomes}")
-        print(f"feature rows written : {int(written)}")
-        if p50 is not None:
-            print(f"feature freshness    : p50 <= {p50:g}s, p99 <= {p99:g}s (event in Kafka -> online store)")
-        print(f"wall time            : {time.monotonic() - t0:.1f}s")
-        ok = len(keys) >= n_imp
+        cfg = LoopConfig(world_seed=args.seed, history_s=args.history, traffic_s=args.traffic, rate=args.rate,
+                         join_window_s=args.window, window_examples=args.window_examples)
+        summary = run_loop(s, bootstrap, root, cfg, say=lambda m: print(m, flush=True))
+        plot = plot_loop(summary, out_dir / "demo.png")
+        out_json = out_dir / "summary.json"
+        out_json.write_text(json.dumps(summary, indent=1, default=str))
+        _print_summary(summary, time.monotonic() - t0, plot, out_json)
+        tr = summary["traffic"]
+        ok = tr["ok"] > 0 and summary["examples"]["from_traffic"] > 0 and summary["registry"]["published"]
         if not ok:
-            print(f"incomplete: {n_imp - len(keys)} examples missing after {args.timeout:.0f}s", file=sys.stderr)
+            print("incomplete: no traffic answered, no examples from it, or no model published", file=sys.stderr)
         return 0 if ok else 1
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
         if broker is not None:
             broker.stop()
         if not args.keep:

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -112,6 +114,42 @@ def _wait_http(url: str, timeout_s: float, loop: Loop, what: str) -> dict[str, A
     raise RuntimeError(f"{what} not ready after {timeout_s:.0f}s: {last}")
 
 
+def scrape(port: int, path: str = "/metrics") -> dict[str, float]:
+    """Prometheus text from 127.0.0.1:port → {name{labels}: value} (enough for a summary)."""
+    import urllib.request
+
+    out: dict[str, float] = {}
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3).read().decode()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, val = line.rpartition(" ")
+            try:
+                out[name] = float(val)
+            except ValueError:
+                pass
+    return out
+
+
+def quantile_from_buckets(metrics: dict[str, float], name: str, q: float) -> float | None:
+    """Upper bucket bound of the q-quantile of a Prometheus histogram (all label sets together)."""
+    acc: dict[float, float] = {}
+    for k, v in metrics.items():
+        if k.startswith(name + "_bucket") and 'le="' in k:
+            le = k.split('le="')[1].split('"')[0]
+            le_f = math.inf if le == "+Inf" else float(le)
+            acc[le_f] = acc.get(le_f, 0.0) + v
+    total = acc.get(math.inf, 0.0)
+    if not total:
+        return None
+    for le in sorted(acc):
+        if acc[le] >= q * total:
+            return le
+    return math.inf
+
+
 def read_windows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -190,6 +228,7 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
                     f"versions={d['model_versions']}")
             loop.check()
 
+        features_before = scrape(ports["features"])  # to tell live freshness from the history backlog
         traffic_t0 = time.time()
         report = simulate_traffic(url, world, bootstrap, topics, duration_s=cfg.traffic_s, rate=cfg.rate,
                                   slots=cfg.slots, concurrency=cfg.concurrency, click_delay_mean_s=cfg.click_delay_s,
@@ -199,6 +238,7 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
         summary["traffic_started_at"] = traffic_t0
         if cfg.keep_served:
             summary["served"] = report.served
+        summary["metrics"] = {"serve": scrape(ports["serve"], "/metrics"), "joiner": scrape(ports["joiner"])}
         # drain: impressions of the last requests close their windows once event time moves on;
         # a joiner with idle flush closes what is left
         loop.stop(["serve"])
@@ -226,6 +266,11 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
             summary["example_labels"] = {k: examples[k]["clicked"] for k in served_keys & set(examples)}
             summary["example_versions"] = {k: examples[k].get("model_versions", {}) for k in served_keys & set(examples)}
         time.sleep(3)  # let the trainer see the drained examples' windows
+        summary["metrics"]["features"] = scrape(ports["features"])
+        summary["metrics"]["features_at_traffic_start"] = features_before
+        summary["metrics"]["trainer"] = scrape(ports["trainer"])
+        summary["dead_letters"] = dict(Counter(json.loads(v).get("reason", "?") for _k, v, *_ in
+                                               read_topic(bootstrap, topics.dead_letter, timeout_s=10, idle_s=0.3)))
         loop.stop(["trainer", "feature_updater", "joiner_drain"])
         summary["windows"] = read_windows(root / "trainer" / "windows.jsonl")
         summary["registry"] = {"latest": reg.latest(), "published": reg.versions(),

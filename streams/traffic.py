@@ -170,6 +170,7 @@ def simulate_traffic(
     it is counted (and a few messages kept) in the report."""
     import httpx
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     if rate <= 0 or concurrency < 1 or slots < 1:
         raise ValueError("rate, concurrency and slots must be positive")
     if duration_s is None and requests is None:
