@@ -279,7 +279,7 @@ class AggregateState:
             t = [r.t_ref for r in sel]
             last_imp = [r.last_imp for r in sel]
             last_clk = [r.last_clk for r in sel]
-            values = [imps, clks,
+            values: list[list[Any]] = [imps, clks,
                       *([r.dimp[i] for r in sel] for i in range(nh)),
                       *([r.dclk[i] for r in sel] for i in range(nh)),
                       last_imp, last_clk,

@@ -33,9 +33,10 @@ import numpy as np
 import redis
 import redis.exceptions
 
+_hiredis: Any
 try:
     import hiredis as _hiredis
-except ImportError:  # pragma: no cover - hiredis is a base requirement
+except ImportError:  # pragma: no cover - feast[redis] brings it; the fallback is slower
     _hiredis = None
 
 #: a row is written when the stored event time is absent or not newer than the row's
@@ -221,7 +222,7 @@ class _View:
         ts_field = self._ts_field_bulk
         times = cols["event_time"]
         head, tail, fixed = self.key_head, self.key_tail, self._key_fixed
-        cmds = []
+        cmds: list[bytes] = []
         for lo in range(0, n, WRITE_CHUNK):
             hi = min(lo + WRITE_CHUNK, n)
             m = hi - lo
@@ -259,7 +260,7 @@ class _View:
         out: list[Any] = [_SMALL_INT64_DEC.get(v) if v in _SMALL_INT64_DEC else _generic(v)
                           for v in vals[:ni]]
         try:
-            blob = b"".join(dbls)
+            blob = b"".join(dbls)  # type: ignore[arg-type]
         except TypeError:  # a missing field
             blob = b""
         if len(blob) == 9 * self.n_dbl and blob[::9] == self._dbl_tags:
@@ -290,7 +291,7 @@ def _read_replies(conn: Any, n: int) -> list[Any]:
                 raise redis.exceptions.ConnectionError(f"Error while reading from socket: {e}") from e
             if not k:
                 raise redis.exceptions.ConnectionError("Connection closed by server.")
-            reader.feed(buf, 0, k)
+            reader.feed(buf, 0, k)  # type: ignore[arg-type]  # any buffer works
             continue
         if isinstance(r, _hiredis.ReplyError):
             msg = str(r)
@@ -365,7 +366,7 @@ class RedisFeatureIO:
         commands are assembled from precomputed bytes; redis-py's pipeline bookkeeping cost more
         than Redis itself for 200 keys)."""
         plan = []
-        cmds = []
+        cmds: list[bytes] = []
         for etype, keys in requests:
             v = self.views[etype]
             uniq = list(dict.fromkeys(keys))

@@ -42,11 +42,35 @@ from features.aggregates import (
     feature_schema,
     half_life_tag,
     prior_mean,
-    smoothed_ctr,
 )
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("FEAST_USAGE", "False")
+
+
+def _keep_prometheus_in_process() -> None:
+    """Undo a process-wide side effect of ``feast.metrics`` (imported lazily by Feast's read paths):
+    at import it sets ``PROMETHEUS_MULTIPROC_DIR`` to a temporary directory of its own, which puts
+    every prometheus_client metric created afterwards -- adstream's worker metrics included -- into
+    multiprocess mode, where metrics with equal names and labels share one value across registries
+    (two workers' counters in one process double-count). Importing it here first and removing what
+    it set keeps metrics in-process; a multiprocess directory configured by the user is kept."""
+    try:
+        import feast.metrics as feast_metrics
+    except Exception:  # pragma: no cover - older/newer Feast without the module
+        return
+    if not getattr(feast_metrics, "_owns_mp_dir", False):
+        return  # the user configured multiprocess mode (or Feast did not): leave it alone
+    mp_dir = getattr(feast_metrics, "_prometheus_mp_dir", None)
+    for var in ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR"):
+        if os.environ.get(var) == mp_dir:
+            del os.environ[var]
+    from prometheus_client import values
+
+    values.ValueClass = values.get_value_class()
+
+
+_keep_prometheus_in_process()
 
 PUSH_TARGETS = ("online", "offline", "online_and_offline")
 Rows = Mapping[str, Mapping[str, Sequence[Any]]]
@@ -203,7 +227,7 @@ class FeatureStoreClient:
         ints = [(n, list(map(int, cols[n]))) for n, kind in self.schema if kind == "int"]
         floats = [(n, list(map(float, cols[n]))) for n, kind in self.schema if kind == "float"]
         times = cols["event_time"]
-        data = []
+        data: list[tuple[EntityKey, dict[str, Value], datetime, datetime | None]] = []
         for i, k in enumerate(keys):
             values = {n: Value(int64_val=v[i]) for n, v in ints}
             values.update({n: Value(double_val=v[i]) for n, v in floats})

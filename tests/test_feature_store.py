@@ -128,3 +128,20 @@ def test_historical_point_in_time(client):
     tag = half_life_tag(60.0)
     assert out[f"ad_stats__imp_{tag}"][3] == pytest.approx(2 ** (-110 / 60) + 2 ** (-10 / 60))
     assert out[f"ad_stats__ctr_{tag}"].between(0, 1).all()
+
+
+def test_feast_does_not_switch_our_metrics_to_multiprocess_mode(client):
+    """Feast's reads import ``feast.metrics``, which sets PROMETHEUS_MULTIPROC_DIR process-wide;
+    ``features.store`` undoes it, so two workers' metrics in one process stay separate."""
+    import os
+
+    from core.metrics import WorkerMetrics
+
+    client.read("ad", ["a1"])
+    client.store.get_online_features(features=["ad_stats:clicks"], entity_rows=[{"ad_id": "a1"}])
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    a, b = WorkerMetrics("feature_updater"), WorkerMetrics("feature_updater")
+    a.dead_letters.labels("feature_updater", "malformed_json").inc()
+    b.dead_letters.labels("feature_updater", "malformed_json").inc()
+    assert a.registry.get_sample_value("adstream_dead_letters_total",
+                                       {"worker": "feature_updater", "reason": "malformed_json"}) == 1
