@@ -165,3 +165,17 @@ def test_metrics_exact() -> None:
     assert auc(y, p) == pytest.approx(brute)
     assert np.isnan(auc(np.ones(3), np.ones(3)))
     assert logloss(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(np.log(2))
+
+
+def test_small_and_large_lookups_agree():
+    """Serving-size batches take a per-value path; it must map exactly like the vectorised one."""
+    from models.ctr.hashing import SMALL_LOOKUP
+
+    m = IdMapper(capacity=64)
+    vals = np.array(["a", "b", 7, 7.0, np.int64(7), None, float("nan"), "c"], dtype=object)
+    m.observe(vals, np.zeros(len(vals)))
+    probe = np.array(["a", "zz", 7, np.int64(7), None, float("nan"), "c", 3.5], dtype=object)
+    small = m.lookup(probe)
+    big = m.lookup(np.concatenate([probe] * (SMALL_LOOKUP // len(probe) + 1)))[: len(probe)]
+    assert small.tolist() == big.tolist()
+    assert small[1] == 0 and small[0] != 0 and small[4] == small[5] != 0

@@ -49,6 +49,9 @@ class MapperStats:
     candidates: int
 
 
+SMALL_LOOKUP = 2048  # batches up to this size are looked up value by value (serving)
+
+
 def _key(v: Any) -> Any:
     """Normalise a raw value into a hashable dictionary key (NaN/None -> one missing token)."""
     if v is None or (isinstance(v, float) and v != v):
@@ -95,6 +98,14 @@ class IdMapper:
     # ------------------------------------------------------------------ lookups
     def lookup(self, values: np.ndarray) -> np.ndarray:
         """Rows for ``values`` without changing any state (prediction path)."""
+        if len(values) <= SMALL_LOOKUP and self.mode == "dict":
+            # a request's candidates: plain dict lookups beat building a pandas index
+            get, rows = self._rows.get, np.empty(len(values), dtype=np.int64)
+            for i, v in enumerate(values):
+                if type(v) is not str:  # noqa: E721 - strings (the common case) are keys as they are
+                    v = _key(v)
+                rows[i] = get(v, COLD_ROW)
+            return rows
         codes, uniques = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=False)
         if self.mode == "hash":
             urows = np.array([self._hash_row(_key(u)) for u in uniques], dtype=np.int64)
