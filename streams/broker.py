@@ -180,6 +180,15 @@ def _pom(version: str) -> str:
 """
 
 
+def new_cluster_id() -> str:
+    """A KRaft cluster id (URL-safe base64 of a random UUID). Like Kafka's own ``Uuid.randomUuid``
+    it never starts with '-': the storage tool's argument parser would take it for an option."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 def fetch_kafka_jars(version: str, cache_dir: str | Path, timeout_s: float = 900.0) -> Path:
     """Resolve Kafka ``version`` and its runtime dependencies from Maven Central into the cache.
 
@@ -521,7 +530,7 @@ class EmbeddedBroker:
         meta = self.data_dir / "kafka-logs" / "meta.properties"
         if not meta.is_file():
             tool = _find_class(libs, ["kafka.tools.StorageTool", "org.apache.kafka.tools.StorageTool"])
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = new_cluster_id()
             cmd = self._jvm(libs, log_flag, heap="256m") + [tool, "format", "-t", cluster_id, "-c", str(props)]
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=self.data_dir)
             if res.returncode != 0:

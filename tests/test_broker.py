@@ -360,3 +360,17 @@ def test_redis_server_harness(redis_server) -> None:
     assert r.get("harness-key") == b"1"
     assert r.config_get("save")["save"] == ""  # no persistence
     assert redis_server.address == f"127.0.0.1:{redis_server.port}"
+
+
+def test_cluster_ids_never_look_like_options() -> None:
+    """A cluster id starting with '-' made `kafka-storage format -t ID` fail (1 start in 64)."""
+    import base64
+    import uuid
+    from unittest import mock
+
+    from streams.broker import new_cluster_id
+
+    dash = uuid.UUID(bytes=base64.urlsafe_b64decode("-" + "A" * 21 + "=="))
+    with mock.patch("uuid.uuid4", side_effect=[dash, uuid.UUID(int=1)]):
+        cid = new_cluster_id()
+    assert not cid.startswith("-") and len(cid) == 22
