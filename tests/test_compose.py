@@ -30,10 +30,11 @@ GRAFANA_PROVIDER = ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" /
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "adstream.json"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 
-ADSTREAM_SERVICES = ("kafka-init", "joiner", "feature-updater")
-# worker service -> MetricsSettings field holding its /metrics port
-WORKER_PORT_FIELD = {"joiner": "joiner_port", "feature-updater": "feature_updater_port"}
-LATER_PORT_FIELD = {"trainer": "trainer_port", "serve": "serve_port"}  # commented placeholders
+ADSTREAM_SERVICES = ("kafka-init", "joiner", "feature-updater", "trainer", "serve")
+# worker service -> MetricsSettings field holding its /metrics port (and the flag that sets it)
+WORKER_PORT_FIELD = {"joiner": "joiner_port", "feature-updater": "feature_updater_port",
+                     "trainer": "trainer_port", "serve": "serve_port"}
+PORT_FLAG = {"serve": "--port"}  # the service answers /metrics on its own HTTP port
 
 
 # --------------------------------------------------------------------------- helpers
@@ -269,17 +270,26 @@ def test_metrics_ports_equal_settings_and_prometheus_targets(services: dict[str,
     defaults = MetricsSettings()
     expected = set()
     for name, field in WORKER_PORT_FIELD.items():
-        port = int(option(command_args(services[name]), "--metrics-port"))
+        port = int(option(command_args(services[name]), PORT_FLAG.get(name, "--metrics-port")))
         assert port == getattr(defaults, field), name
         expected.add(f"{name}:{port}")
     prom = load_yaml(PROMETHEUS)
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     assert targets == expected
-    # the placeholders for the services still to come name the settings' ports too
-    text = PROMETHEUS.read_text() + COMPOSE.read_text()
-    for name, field in LATER_PORT_FIELD.items():
-        assert f"{name}:{getattr(defaults, field)}" in PROMETHEUS.read_text(), name
-        assert str(getattr(defaults, field)) in text, name
+
+
+def test_trainer_and_service_share_the_model_registry(services: dict[str, Any]) -> None:
+    from core.settings import ServeSettings, TrainerSettings
+
+    def mount(svc: str, path: Path) -> str:
+        for v in services[svc].get("volumes") or []:
+            src, dst = str(v).split(":")[:2]
+            if dst == f"/app/{path}":
+                return src
+        raise AssertionError(f"{svc} does not mount /app/{path}")
+
+    assert TrainerSettings().registry_dir == ServeSettings().registry_dir
+    assert mount("trainer", TrainerSettings().registry_dir) == mount("serve", ServeSettings().registry_dir)
 
 
 def test_prometheus_and_grafana_files_are_mounted(services: dict[str, Any]) -> None:
