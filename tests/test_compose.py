@@ -97,10 +97,15 @@ def advertised_listeners(kafka: dict[str, Any]) -> dict[str, str]:
 
 
 def metric_series_names() -> set[str]:
-    """Every series name WorkerMetrics exports, with the suffixes Prometheus adds."""
-    m = WorkerMetrics("test", registry=CollectorRegistry())
+    """Every series name the workers, the trainer and the service export, with the suffixes
+    Prometheus adds."""
+    from online.metrics import ServeMetrics
+    from streams.trainer import TrainerMetrics
+
+    registries = [WorkerMetrics("test", registry=CollectorRegistry()).registry, TrainerMetrics().registry,
+                  ServeMetrics(registry=CollectorRegistry()).registry]
     names: set[str] = set()
-    for family in m.registry.collect():
+    for family in (f for r in registries for f in r.collect()):
         if family.type == "counter":
             names |= {family.name + "_total", family.name + "_created"}
         elif family.type == "histogram":
@@ -330,12 +335,14 @@ def test_dashboard_metrics_exist_in_worker_metrics() -> None:
         names = set(re.findall(r"\badstream_[a-z0-9_]+", expr))
         assert names, f"no adstream metric in {expr!r}"
         unknown = names - known
-        assert not unknown, f"{expr!r} uses metrics WorkerMetrics does not define: {unknown}"
+        assert not unknown, f"{expr!r} uses metrics no worker defines: {unknown}"
         used |= names
     for core_metric in ("adstream_records_in_total", "adstream_dead_letters_total",
                         "adstream_join_outcomes_total", "adstream_consumer_lag",
                         "adstream_processing_latency_seconds_bucket",
-                        "adstream_feature_freshness_seconds_bucket", "adstream_features_written_total"):
+                        "adstream_feature_freshness_seconds_bucket", "adstream_features_written_total",
+                        "adstream_serve_stage_latency_seconds_bucket", "adstream_serve_requests_total",
+                        "adstream_trainer_window_auc", "adstream_serve_model_age_seconds"):
         assert core_metric in used, core_metric
 
 
