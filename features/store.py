@@ -32,6 +32,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from core.atomic import atomic_write
 from core.errors import AdstreamError, ConfigError
 from core.settings import FeatureSettings
 from features import repo as feast_repo
@@ -161,7 +162,7 @@ class FeatureStoreClient:
         yaml_path = self.repo_dir / "feature_store.yaml"
         text = feast_repo.feature_store_yaml(self.settings)
         if not yaml_path.exists() or yaml_path.read_text() != text:
-            _atomic_write(yaml_path, text.encode())
+            atomic_write(yaml_path, text.encode())
         ignore = self.repo_dir / ".feastignore"
         if not ignore.exists():
             ignore.write_bytes(feast_repo.FEASTIGNORE.read_bytes())
@@ -473,12 +474,3 @@ def _sqlite_wal(path: Path) -> None:
         con.execute("PRAGMA journal_mode=WAL")
     finally:
         con.close()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from core.atomic import atomic_write, fsync_dir
+
 _VERSION = re.compile(r"^v(\d{6,})$")
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -46,34 +48,6 @@ class VersionInfo:
     version: str
     path: Path
     meta: dict[str, Any]
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 class ModelRegistry:
@@ -119,7 +93,7 @@ class ModelRegistry:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(parent)
+        fsync_dir(parent)
         return VersionInfo(self.name, version, final, meta)
 
     def publish(self, state: Any, meta: dict[str, Any] | None = None, make_latest: bool = True) -> VersionInfo:
@@ -148,7 +122,7 @@ class ModelRegistry:
             if cur.get("version") and cur["version"] != version:
                 previous.append(cur["version"])
         data = {"version": version, "previous": previous[-100:]}
-        _atomic_write(self.pointer, json.dumps(data).encode())
+        atomic_write(self.pointer, json.dumps(data).encode(), writers="many")  # trainer and admin calls
         with open(self.history_file, "a") as f:
             f.write(json.dumps({"version": version, "from": cur.get("version"), "reason": reason}) + "\n")
 

@@ -30,16 +30,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import pickle
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
+from core import atomic
 from core.errors import AdstreamError, ConfigError, InvalidRecord
 from core.events import Click, Impression, dead_letter_record, decode
 from core.metrics import WorkerMetrics
@@ -48,7 +47,8 @@ from features.aggregates import JOIN_KEYS, AggregateState
 from features.repo import view_name
 from features.store import FeatureStoreClient, FeatureStoreUnavailable
 from streams.broker import resolve_bootstrap
-from streams.kafka_io import CountingProducer, make_producer
+from streams.kafka_io import (CountingProducer, assign_from, checkpointed_consumer, export_lag, is_error,
+                              make_producer)
 
 log = logging.getLogger(__name__)
 
@@ -63,33 +63,12 @@ DEFAULT_CHECKPOINT_EVERY_S = 5.0
 
 
 def save_checkpoint(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` atomically: a reader sees the old file or the new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic.save_checkpoint(path, data)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        with open(path, "rb") as f:
-            data = pickle.load(f)
-    except Exception as e:
-        raise ConfigError(f"checkpoint {path} cannot be read ({e}); move it away to rebuild the "
-                          "features from the beginning of the topics") from e
-    if not isinstance(data, dict) or data.get("version") != CHECKPOINT_VERSION:
-        raise ConfigError(f"checkpoint {path} has an unknown format")
-    return data
+    return atomic.load_checkpoint(path, CHECKPOINT_VERSION, "checkpoint",
+                                  "move it away to rebuild the features from the beginning of the topics")
 
 
 # --------------------------------------------------------------------------- worker
@@ -153,40 +132,6 @@ class FeatureUpdater:
         log.info("restored checkpoint #%d: %d events, offsets %s", self.seq,
                  self.state.events_applied, sorted(self.offsets.items()))
 
-    def _assign(self, consumer: Consumer, timeout_s: float = 30.0) -> list[TopicPartition]:
-        deadline = time.monotonic() + timeout_s
-        tps: list[TopicPartition] = []
-        for topic in self.expected:
-            while True:
-                md = consumer.list_topics(topic=topic, timeout=10)
-                t = md.topics.get(topic)
-                if t is not None and t.error is None and t.partitions:
-                    break
-                if time.monotonic() > deadline:
-                    raise ConfigError(f"topic {topic!r} does not exist on {self.bootstrap}; "
-                                      "create it with `adstream topics create`")
-                time.sleep(0.5)
-            for p in sorted(t.partitions):
-                off = self.offsets.get((topic, p), OFFSET_BEGINNING)
-                tps.append(TopicPartition(topic, p, off))
-        consumer.assign(tps)
-        return tps
-
-    def _make_consumer(self) -> Consumer:
-        k = self.settings.kafka
-        return Consumer({
-            "bootstrap.servers": self.bootstrap,
-            "group.id": GROUP_ID,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": k.session_timeout_ms,
-            "heartbeat.interval.ms": k.heartbeat_interval_ms,
-            "fetch.wait.max.ms": 50,
-            "statistics.interval.ms": 2000,  # lets get_watermark_offsets(cached=True) answer locally
-            "stats_cb": lambda _s: None,
-        })
-
     # ---- per record ----------------------------------------------------------------------------
     def _handle(self, msg: Any, now: float) -> None:
         topic, part, off = msg.topic(), msg.partition(), msg.offset()
@@ -211,6 +156,10 @@ class FeatureUpdater:
             t = ts_ms / 1000.0
             self._pending_append_ts.append(t)
             self._processing_latency.observe(max(0.0, now - t))
+
+    def _update_lag(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+        export_lag(consumer, tps,
+                   lambda t, p: self.offsets.get((t, p), 0), self.metrics.consumer_lag, WORKER)
 
     def _dead_letter(self, topic: str, part: int, off: int, raw: bytes | None, err: InvalidRecord) -> None:
         self.dead += 1
@@ -288,26 +237,15 @@ class FeatureUpdater:
             except Exception as e:  # monitoring only; the checkpoint is the source of truth
                 log.warning("offset commit failed: %s", e)
 
-    def _update_lag(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
-        for tp in tps:
-            try:
-                _lo, hi = consumer.get_watermark_offsets(tp, cached=True)
-            except Exception:
-                continue
-            if hi is None or hi < 0:
-                continue
-            pos = self.offsets.get((tp.topic, tp.partition), 0)
-            self.metrics.consumer_lag.labels(WORKER, tp.topic, str(tp.partition)).set(max(0, hi - pos))
-
     # ---- main loop -----------------------------------------------------------------------------
     def run(self, stop_event: threading.Event | None = None, max_idle_s: float | None = None) -> dict[str, Any]:
         """Consume until ``stop_event`` is set, or until nothing arrived for ``max_idle_s`` seconds
         (after a final flush and checkpoint). Returns counters."""
         stop_event = stop_event or threading.Event()
         self._restore()
-        consumer = self._consumer = self._make_consumer()
+        consumer = self._consumer = checkpointed_consumer(self.bootstrap, GROUP_ID, self.settings.kafka)
         try:
-            tps = self._assign(consumer)
+            tps = assign_from(consumer, self.bootstrap, self.expected, lambda t, p: self.offsets.get((t, p)))
             log.info("feature updater on %s: %d partitions, online store %s, flush every %.2fs",
                      self.bootstrap, len(tps), self.fs.online_store, self.fs.flush_interval_s)
             last_msg = last_flush = last_ckpt = last_lag = time.monotonic()
@@ -316,10 +254,7 @@ class FeatureUpdater:
                 msgs = consumer.consume(num_messages=5000, timeout=0.05)
                 now = time.time()
                 for m in msgs:
-                    err = m.error()
-                    if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF:
-                            log.warning("consumer error: %s", err)
+                    if is_error(m):
                         continue
                     self._handle(m, now)
                 mono = time.monotonic()

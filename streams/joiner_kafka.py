@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from core.errors import InvalidRecord
 from core.events import Click, Conversion, Impression, dead_letter_record, decode
@@ -22,7 +22,7 @@ from core.metrics import WorkerMetrics
 from core.settings import Settings
 from streams.join import CLICK, CONVERSION, IMPRESSION, DeadLetter, InputProgress, JoinState
 from streams.joiner import COMMIT_INTERVAL_S, IDLE_AFTER_S, count_outputs, dead_letter_key
-from streams.kafka_io import make_producer
+from streams.kafka_io import is_error, make_producer
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,7 @@ class KafkaJoiner:
                 mono_now = time.monotonic()
                 touched = set()
                 for m in msgs:
-                    err = m.error()
-                    if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF:
-                            log.warning("consumer error: %s", err)
+                    if is_error(m):
                         continue
                     topic, part, off = m.topic(), m.partition(), m.offset()
                     kind = self.kind_of_topic[topic]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -199,6 +199,74 @@ def _plain_consumer(bootstrap: str, **extra: Any) -> Consumer:
            "enable.auto.commit": False, "enable.partition.eof": True, "auto.offset.reset": "earliest"}
     cfg.update(extra)
     return Consumer(cfg)
+
+
+def checkpointed_consumer(bootstrap: str, group_id: str, kafka: KafkaSettings) -> Consumer:
+    """A consumer for workers that keep their offsets in their own checkpoint and assign partitions
+    explicitly (:func:`assign_from`): no auto-commit, no offset store; the group id only names the
+    client on the broker."""
+    return Consumer({
+        "bootstrap.servers": bootstrap,
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": kafka.session_timeout_ms,
+        "heartbeat.interval.ms": kafka.heartbeat_interval_ms,
+        "fetch.wait.max.ms": 50,
+        "statistics.interval.ms": 2000,  # lets get_watermark_offsets(cached=True) answer locally
+        "stats_cb": lambda _s: None,
+    })
+
+
+def assign_from(consumer: Consumer, bootstrap: str, topics: Iterable[str],
+                offset_of: Callable[[str, int], int | None], timeout_s: float = 30.0) -> list[TopicPartition]:
+    """Assign every partition of ``topics`` at ``offset_of(topic, partition)`` (None = the log
+    start), waiting up to ``timeout_s`` for topics that do not exist yet."""
+    from confluent_kafka import OFFSET_BEGINNING
+
+    from core.errors import ConfigError
+
+    deadline = time.monotonic() + timeout_s
+    tps: list[TopicPartition] = []
+    for topic in topics:
+        while True:
+            t = consumer.list_topics(topic=topic, timeout=10).topics.get(topic)
+            if t is not None and t.error is None and t.partitions:
+                break
+            if time.monotonic() > deadline:
+                raise ConfigError(f"topic {topic!r} does not exist on {bootstrap}; "
+                                  "create it with `adstream topics create`")
+            time.sleep(0.5)
+        for p in sorted(t.partitions):
+            off = offset_of(topic, p)
+            tps.append(TopicPartition(topic, p, OFFSET_BEGINNING if off is None else off))
+    consumer.assign(tps)
+    return tps
+
+
+def export_lag(consumer: Consumer, tps: Iterable[TopicPartition], position_of: Callable[[str, int], int],
+               gauge: Any, worker: str) -> None:
+    """Set ``gauge{worker, topic, partition}`` to the records between each position and the (cached)
+    end of the log."""
+    for tp in tps:
+        try:
+            _lo, hi = consumer.get_watermark_offsets(tp, cached=True)
+        except Exception:  # lag is best effort
+            continue
+        if hi is None or hi < 0:
+            continue
+        gauge.labels(worker, tp.topic, str(tp.partition)).set(max(0, hi - position_of(tp.topic, tp.partition)))
+
+
+def is_error(msg: Any) -> bool:
+    """Whether a consumed message is an error event (logged unless it is the end of a partition)."""
+    err = msg.error()
+    if err is None:
+        return False
+    if err.code() != KafkaError._PARTITION_EOF:
+        log.warning("consumer error: %s", err)
+    return True
 
 
 _RETRIABLE = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,

@@ -35,8 +35,6 @@ import collections
 import json
 import logging
 import math
-import os
-import pickle
 import threading
 import time
 import uuid
@@ -44,15 +42,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import Counter, Gauge
 
+from core import atomic
 from core.errors import AdstreamError, ConfigError, InvalidRecord
 from core.events import Example, dead_letter_record, decode
 from core.metrics import NS, WorkerMetrics
 from core.settings import Settings, TrainerSettings, load_settings
 from streams.broker import resolve_bootstrap
-from streams.kafka_io import CountingProducer, make_producer
+from streams.kafka_io import (CountingProducer, assign_from, checkpointed_consumer, export_lag, is_error,
+                              make_producer)
 
 if TYPE_CHECKING:
     from models.ctr import CTRConfig, CTRLearner, FieldConfig
@@ -188,34 +188,13 @@ class TrainerMetrics:
 
 
 def save_checkpoint(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` atomically: a reader sees the old file or the new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic.save_checkpoint(path, data)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
     """The checkpoint dict, None when there is none; ConfigError when it is unreadable."""
-    if not path.exists():
-        return None
-    try:
-        with open(path, "rb") as f:
-            data = pickle.load(f)
-    except Exception as e:
-        raise ConfigError(f"trainer checkpoint {path} cannot be read ({type(e).__name__}: {e}); move it "
-                          "away to start training from scratch") from e
-    if not isinstance(data, dict) or data.get("version") != CHECKPOINT_VERSION:
-        raise ConfigError(f"trainer checkpoint {path} has an unknown format")
-    return data
+    return atomic.load_checkpoint(path, CHECKPOINT_VERSION, "trainer checkpoint",
+                                  "move it away to start training from scratch")
 
 
 class KeyHorizon:
@@ -412,9 +391,7 @@ class StreamTrainer:
             except (ValueError, KeyError, TypeError):
                 continue
         if len(keep) != len(lines):
-            tmp = self.windows_path.with_name(f".{WINDOWS_FILE}.tmp")
-            tmp.write_text("".join(x + "\n" for x in keep))
-            os.replace(tmp, self.windows_path)
+            atomic.atomic_write(self.windows_path, "".join(x + "\n" for x in keep).encode())
             log.info("windows.jsonl: dropped %d line(s) written after the checkpoint", len(lines) - len(keep))
 
     def checkpoint(self) -> None:
@@ -449,46 +426,9 @@ class StreamTrainer:
                 log.warning("offset commit failed: %s", e)
 
     # ---- Kafka ---------------------------------------------------------------------------------
-    def _make_consumer(self) -> Consumer:
-        k = self.settings.kafka
-        return Consumer({
-            "bootstrap.servers": self.bootstrap,
-            "group.id": GROUP_ID,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": k.session_timeout_ms,
-            "heartbeat.interval.ms": k.heartbeat_interval_ms,
-            "fetch.wait.max.ms": 50,
-            "statistics.interval.ms": 2000,
-            "stats_cb": lambda _s: None,
-        })
-
-    def _assign(self, consumer: Consumer, timeout_s: float = 30.0) -> list[TopicPartition]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            md = consumer.list_topics(topic=self.topic, timeout=10)
-            t = md.topics.get(self.topic)
-            if t is not None and t.error is None and t.partitions:
-                break
-            if time.monotonic() > deadline:
-                raise ConfigError(f"topic {self.topic!r} does not exist on {self.bootstrap}; create it with "
-                                  "`adstream topics create`")
-            time.sleep(0.5)
-        tps = [TopicPartition(self.topic, p, self.offsets.get(p, OFFSET_BEGINNING)) for p in sorted(t.partitions)]
-        consumer.assign(tps)
-        return tps
-
     def _update_lag(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
-        for tp in tps:
-            try:
-                _lo, hi = consumer.get_watermark_offsets(tp, cached=True)
-            except Exception:
-                continue
-            if hi is None or hi < 0:
-                continue
-            pos = self.pos.get(tp.partition, 0)
-            self.metrics.worker.consumer_lag.labels(WORKER, tp.topic, str(tp.partition)).set(max(0, hi - pos))
+        export_lag(consumer, tps,
+                   lambda _t, p: self.pos.get(p, 0), self.metrics.worker.consumer_lag, WORKER)
 
     def _dead_letter(self, part: int, off: int, raw: bytes | None, err: InvalidRecord) -> None:
         self.dead += 1
@@ -726,11 +666,11 @@ class StreamTrainer:
         it holds at least ``min_window`` examples). Returns a summary dict."""
         stop_event = stop_event or threading.Event()
         self._restore()
-        consumer = self._consumer = self._make_consumer()
+        consumer = self._consumer = checkpointed_consumer(self.bootstrap, GROUP_ID, self.settings.kafka)
         ts = self.ts
         reason = "stopped"
         try:
-            tps = self._assign(consumer)
+            tps = assign_from(consumer, self.bootstrap, [self.topic], lambda _t, p: self.offsets.get(p))
             log.info("trainer on %s: topic %s (%d partitions), strategy %s%s, %s, registry %s",
                      self.bootstrap, self.topic, len(tps), ts.strategy,
                      f" (shadow {ts.compare})" if ts.compare else "",
@@ -742,10 +682,7 @@ class StreamTrainer:
                 now = self.clock()
                 try:
                     for m in msgs:
-                        err = m.error()
-                        if err is not None:
-                            if err.code() != KafkaError._PARTITION_EOF:
-                                log.warning("consumer error: %s", err)
+                        if is_error(m):
                             continue
                         self._handle(m, now)
                         if ts.max_windows is not None and self.windows_this_run >= ts.max_windows:
