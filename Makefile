@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip --disable-pip-version-check
 
-.PHONY: all install demo test test-fast bench lint clean
+.PHONY: all install demo test test-fast clean
 
 all: install
 
@@ -30,9 +30,6 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
-
-bench: install
-	$(BIN)/python -m bench.run_all
 
 clean:
 	rm -rf .adstream .pytest_cache bench/results
