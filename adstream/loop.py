@@ -247,17 +247,16 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
                                       "--window", str(cfg.join_window_s), "--lateness", str(cfg.lateness_s),
                                       "--runtime", cfg.joiner_runtime, "--idle-flush", "3", "--metrics-port", "0"])
         want = {(s["request_id"], s["ad_id"]) for s in report.served} if cfg.keep_served else set()
-        deadline = time.monotonic() + cfg.drain_timeout_s
+        served_keys = {f"{r}:{a}" for r, a in want}
+        # wait for every served impression's example; without that list, give the drain 20 s
+        deadline = time.monotonic() + (cfg.drain_timeout_s if want else 20.0)
         examples: dict[str, dict[str, Any]] = {}
-        while time.monotonic() < deadline:
+        while True:
             examples = {k.decode() if isinstance(k, bytes) else k: json.loads(v)
                         for k, v, *_ in read_topic(bootstrap, topics.examples, timeout_s=20, idle_s=0.3)}
-            if want and all(f"{r}:{a}" in examples for r, a in want):
-                break
-            if not want and time.monotonic() > deadline - cfg.drain_timeout_s + 20:
+            if (want and served_keys <= examples.keys()) or time.monotonic() >= deadline:
                 break
             time.sleep(2)
-        served_keys = {f"{r}:{a}" for r, a in want}
         summary["examples"] = {"total": len(examples),
                                "from_traffic": sum(1 for k in examples if k.startswith("sim-")),
                                "served_found": len(served_keys & set(examples)),
