@@ -1,0 +1,106 @@
+"""The shared StreamModel contract: the gate decision, joint decisions for several parts, hooks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from models.stream_model import (Criterion, Gate, StreamModel, gate_decision, gate_of, joint_decision, parts_of)
+
+CTR_GATE = Gate.of(Criterion("auc", True, 0.01, label="AUC"),
+                   Criterion("logloss", False, 0.01, required=True, label="LogLoss"))
+
+
+def test_gate_publishes_within_margins_and_names_every_failure():
+    s = {"auc": 0.70, "logloss": 0.30}
+    assert gate_decision({"auc": 0.70, "logloss": 0.30}, None, CTR_GATE) == (True, "no serving model")
+    assert gate_decision({"auc": 0.695, "logloss": 0.305}, s, CTR_GATE) == (True, "within margins")
+    ok, why = gate_decision({"auc": 0.68, "logloss": 0.32}, s, CTR_GATE)
+    assert not ok
+    assert why == "AUC 0.6800 < serving 0.7000 - 0.01; LogLoss 0.3200 > serving 0.3000 + 0.01"
+    ok, why = gate_decision({"auc": 0.71, "logloss": 0.3101}, s, CTR_GATE)
+    assert not ok and why.startswith("LogLoss 0.3101 > serving")
+
+
+def test_gate_skips_nan_but_a_required_key_must_be_finite():
+    s = {"auc": math.nan, "logloss": 0.30}
+    assert gate_decision({"auc": math.nan, "logloss": 0.30}, s, CTR_GATE)[0]  # one-class window
+    assert gate_decision({"auc": 0.1, "logloss": 0.30}, s, CTR_GATE)[0]  # serving AUC NaN: not compared
+    assert gate_decision({"auc": 0.9, "logloss": math.inf}, s, CTR_GATE) == (False, "candidate LogLoss is not finite")
+    assert not gate_decision({"auc": 0.9}, s, CTR_GATE)[0]  # a missing required key rejects
+    # a non-finite serving LogLoss: the candidate is not compared on it
+    assert gate_decision({"auc": 0.7, "logloss": 9.0}, {"auc": 0.7, "logloss": math.nan}, CTR_GATE)[0]
+
+
+def test_gate_margins_and_direction():
+    g = Gate.of(Criterion("acc", True)).with_margins({"acc": 0.05})
+    assert g.criteria[0].margin == 0.05
+    assert g.decide({"acc": 0.56}, {"acc": 0.6})[0] and not g.decide({"acc": 0.54}, {"acc": 0.6})[0]
+    with pytest.raises(ValueError, match="no criterion"):
+        g.with_margins({"auc": 0.1})
+    assert Gate().decide({}, {"x": 1})[0]
+
+
+def test_joint_decision():
+    d = {"ad": (True, "within margins"), "creative": (False, "NSCTR 0.0100 < serving 0.0200 - 0.0")}
+    each = joint_decision(d, "each")
+    assert each == d
+    both = joint_decision(d, "all")
+    assert not both["ad"][0] and "creative: NSCTR" in both["ad"][1]
+    assert both["creative"] == d["creative"]
+    assert joint_decision({"a": (True, "x"), "b": (True, "y")}) == {"a": (True, "x"), "b": (True, "y")}
+    with pytest.raises(ValueError):
+        joint_decision(d, "any")
+
+
+class Mean:
+    """A tiny StreamModel: predicts the mean label."""
+
+    name = "mean"
+    gate = Gate.of(Criterion("err", higher_is_better=False))
+
+    def __init__(self, s=0.0, n=0):
+        self.s, self.n = s, n
+
+    def learn(self, records):
+        self.s += sum(r["y"] for r in records)
+        self.n += len(records)
+        return {"n": len(records)}
+
+    def score(self, records):
+        p = self.s / self.n if self.n else 0.5
+        return {"err": sum(abs(r["y"] - p) for r in records) / len(records)}
+
+    def predict(self, inputs):
+        return [self.s / self.n if self.n else 0.5 for _ in inputs]
+
+    def state(self):
+        return {"s": self.s, "n": self.n}
+
+    @classmethod
+    def from_state(cls, state):
+        return cls(state["s"], state["n"])
+
+
+class Pair:
+    name = "pair"
+
+    def __init__(self):
+        self.a, self.b = Mean(), Mean()
+        self.a.name, self.b.name = "pair-a", "pair-b"
+
+    def parts(self):
+        return {"pair-a": self.a, "pair-b": self.b}
+
+
+def test_protocol_and_hooks():
+    m = Mean()
+    assert isinstance(m, StreamModel)
+    assert not isinstance(object(), StreamModel)
+    assert parts_of(m) == {"mean": m}
+    p = Pair()
+    assert list(parts_of(p)) == ["pair-a", "pair-b"]
+    assert gate_of(m) is Mean.gate
+    with pytest.raises(TypeError, match="declares no `gate`"):
+        gate_of(p)
