@@ -34,6 +34,11 @@ ENTITY_KEYS: dict[str, str] = {
     "category": "category",
 }
 
+# ``features`` keys with this prefix describe the creative that was shown (its content: layout, colour,
+# text length, ...; see core/creatives.py). Impressions carry them, the joiner copies them into the
+# example with the rest of ``features``, and creative rankers read them from there.
+CREATIVE_FEATURE_PREFIX = "cr_"
+
 _NUM = (int, float)
 
 
@@ -100,7 +105,8 @@ class Event:
 
 @dataclass(slots=True)
 class Impression(Event):
-    """One ad shown in one slot of one search result page."""
+    """One ad shown in one slot of one search result page. ``creative_id`` is the creative shown;
+    its content, when known, is in ``features`` under ``cr_*`` keys (CREATIVE_FEATURE_PREFIX)."""
 
     TYPE: ClassVar[str] = "impression"
     request_id: str

@@ -14,7 +14,10 @@ What it models (see ``docs/world.md`` for the full description):
 * a ground-truth click model (position-based: examination × attractiveness)::
 
       ctr = sigmoid(base + pref[user, top(ad)] + relevance(query, ad) + quality(ad)
-                    + quality(creative) + domain_offset + drift(ad, t)) × position_bias(position)
+                    + creative(user, creative) + domain_offset + drift(ad, t)) × position_bias(position)
+
+  where creative(user, c) = quality(c), or, with creative content on (``core.creatives``),
+  main(content) + a small residual + personal(segment(user), content);
 
   and a conversion probability given a click;
 * drift over event time (:class:`DriftConfig`): an abrupt CTR shift of chosen leaf categories, a
@@ -36,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
+from core.creatives import CONTENT_COLUMNS, CreativeContent, CreativeContentConfig, CreativeEffects
 from core.events import BidwordChange, Click, Conversion, Event, Impression
 
 if TYPE_CHECKING:  # pandas is imported lazily: the event path does not need it
@@ -177,6 +181,7 @@ class WorldConfig:
     top_slots: int = 2  # positions < top_slots are slot "top", the rest "side"
     domains: tuple[tuple[str, float, float], ...] = (("search", 1.0, 0.0),)  # name, share, offset
     drift: DriftConfig = field(default_factory=DriftConfig)
+    creative_content: CreativeContentConfig = field(default_factory=CreativeContentConfig)  # off by default
 
     def __post_init__(self) -> None:
         from core.errors import ConfigError
@@ -191,6 +196,7 @@ class WorldConfig:
             raise ConfigError("domains must be a non-empty list of (name, share > 0, offset)")
         if self.drift.enabled and self.drift.stable_tops >= self.n_top and self._any_drift():
             raise ConfigError("stable_tops leaves no top category that may drift")
+        self.creative_content.validate()
 
     def _any_drift(self) -> bool:
         d = self.drift
@@ -222,7 +228,8 @@ class Query:
 class Creative:
     id: str
     ad_id: str
-    quality: float
+    quality: float  # logit effect for every user (with content: main(content) + residual)
+    content: CreativeContent | None = None  # None unless WorldConfig.creative_content.enabled
 
 
 @dataclass(frozen=True)
@@ -316,6 +323,7 @@ class World:
         self._build_ads(rng, cfg.n_ads)
         self._build_users(rng)
         self._build_drift(rng)
+        self._build_creative_content()
         self._index_candidates()
         self._pos_bias_cache: dict[int, float] = {}
 
@@ -414,10 +422,12 @@ class World:
         noise = rng.normal(0.0, cfg.user_affinity_sd, (cfg.n_users, cfg.n_top))
         activity = np.exp(rng.normal(0.0, 1.0, cfg.n_users))
         self.users: list[User] = []
+        self._user_seg: list[int] = []
         self._user_top_cum: list[list[float]] = []
         for i in range(cfg.n_users):
             pref = tuple(round(float(x), 4) for x in protos[segs[i]] + noise[i])
             self.users.append(User(f"u{i:05d}", f"s{int(segs[i])}", pref, i))
+            self._user_seg.append(int(segs[i]))
             w = np.exp(np.array(pref) * 1.5)
             self._user_top_cum.append(list(np.cumsum(w / w.sum())))
         self.user_by_id = {u.id: u for u in self.users}
@@ -495,6 +505,24 @@ class World:
         self._ad_leaf = [self.category_by_id[a.category].index for a in self.ads]
         self._active_from = np.array([a.active_from for a in self.ads], dtype=float)
 
+    def _build_creative_content(self) -> None:
+        """Content for every creative (initial and new ads), from its own generator so that no other
+        draw of the world moves; ``quality`` becomes main(content) + residual_share · old quality."""
+        cc = self.config.creative_content
+        self.creative_effects: CreativeEffects | None = None
+        if not cc.enabled:
+            return
+        rng = np.random.default_rng([self.config.seed, cc.seed_stream])
+        fx = self.creative_effects = CreativeEffects(cc, self.config.n_segments, rng)
+        for i, ad in enumerate(self.ads):
+            crs = []
+            for c in ad.creatives:
+                content = fx.draw(rng)
+                crs.append(replace(c, quality=round(fx.main(content) + cc.residual_share * c.quality, 4),
+                                   content=content))
+            self.ads[i] = replace(ad, creatives=tuple(crs))
+            self.ad_by_id[ad.id] = self.ads[i]
+
     def _index_candidates(self) -> None:
         """Per query: candidate ads (bidword match, same leaf, same top) as arrays for ranking."""
         self._cands: list[dict[str, Any]] = []
@@ -566,10 +594,29 @@ class World:
     def top_of(self, category_id: str) -> str:
         return self.category_by_id[category_id].top
 
-    def best_creative(self, ad: Ad | str) -> Creative:
-        """The creative with the highest true quality (the creative ranker's target)."""
+    def best_creative(self, ad: Ad | str, user: User | str | int | None = None) -> Creative:
+        """The creative with the highest true effect (the creative ranker's target): for ``user``
+        when given (content effects depend on the segment), else by ``quality``."""
         a = self._a(ad)
-        return max(a.creatives, key=lambda c: c.quality)
+        if user is None:
+            return max(a.creatives, key=lambda c: c.quality)
+        u = self._u(user).index
+        return max(a.creatives, key=lambda c: self._creative_logit(u, c))
+
+    def creative_features(self, creative: Creative) -> dict[str, Any]:
+        """The creative's content as impression/example features (empty when content is off)."""
+        return creative.content.features() if creative.content is not None else {}
+
+    def creative_logit(self, user: User | str | int, ad: Ad | str | int, creative: Creative | str | int) -> float:
+        """The creative's part of the true CTR logit for ``user``: quality + personal(segment, content)."""
+        a = self._a(ad)
+        return self._creative_logit(self._u(user).index, self._c(a, creative))
+
+    def _creative_logit(self, u: int, c: Creative) -> float:
+        fx = self.creative_effects
+        if fx is None or c.content is None:
+            return c.quality
+        return c.quality + fx.personal(self._user_seg[u], c.content)
 
     def active_ads(self, t: float) -> list[Ad]:
         return [a for a in self.ads if a.active_from <= t]
@@ -643,7 +690,8 @@ class World:
         ``query`` at event time ``t``: sigmoid(logit) × position_bias(position)."""
         u, q, a = self._u(user), self._q(query), self._a(ad)
         c = self._c(a, creative)
-        return sigmoid(self._logit(u.index, q.index, a.index, c.quality, t, domain)) * self.position_bias(position)
+        return (sigmoid(self._logit(u.index, q.index, a.index, self._creative_logit(u.index, c), t, domain))
+                * self.position_bias(position))
 
     click_prob = true_ctr  # the name the traffic simulator uses
 
@@ -762,8 +810,8 @@ class World:
                 ci = int(rng.random() * n_cr)
             else:
                 ci = max(range(n_cr), key=lambda i: ad.creatives[i].quality)
-            p = sigmoid(self._logit(u, req.query_index, a, ad.creatives[ci].quality, t, req.domain)) \
-                * self.position_bias(pos)
+            p = sigmoid(self._logit(u, req.query_index, a, self._creative_logit(u, ad.creatives[ci]), t,
+                                    req.domain)) * self.position_bias(pos)
             clicked = rng.random() < p
             click_time = conv_time = value = 0.0
             converted = False
@@ -849,14 +897,17 @@ class World:
             qlen = len(q.split())
             for s in served:
                 ad = self.ads[s.ad]
+                cr = ad.creatives[s.creative]
+                features = {"segment": user.segment, "match": s.match, "top_category": self.tops[self._ad_top[s.ad]],
+                            "advertiser": ad.advertiser, "query_len": qlen}
+                if cr.content is not None:
+                    features.update(cr.content.features())
                 yield Impression(
                     request_id=rid, event_time=t, user_id=user.id, query=q, ad_id=ad.id,
-                    creative_id=ad.creatives[s.creative].id, bidword=s.bidword,
+                    creative_id=cr.id, bidword=s.bidword,
                     category=ad.category, position=s.position, bid=s.bid,
                     slot="top" if s.position < self.config.top_slots else "side", domain=req.domain,
-                    features={"segment": user.segment, "match": s.match,
-                              "top_category": self.tops[self._ad_top[s.ad]],
-                              "advertiser": ad.advertiser, "query_len": qlen},
+                    features=features,
                 )
                 if s.clicked:
                     push(Click(request_id=rid, event_time=round(s.click_time, 6), ad_id=ad.id,
@@ -885,13 +936,16 @@ class World:
         """Labelled impressions of :meth:`simulate` as a DataFrame (one row per impression, in
         event-time order): ``event_time``, ``clicked`` (label), ``converted``, the categorical id
         columns :attr:`EXAMPLE_CATEGORICAL`, the numeric columns :attr:`EXAMPLE_NUMERIC`,
-        ``request_id`` and the oracle ``true_ctr`` (for evaluation only, never a feature). The
-        rows are exactly the impressions :meth:`generate` yields for the same arguments."""
+        ``request_id`` and the oracle ``true_ctr`` (for evaluation only, never a feature). With
+        creative content on, the content columns of ``core.creatives.CONTENT_COLUMNS`` come before
+        ``true_ctr``. The rows are exactly the impressions :meth:`generate` yields for the same
+        arguments."""
         import pandas as pd
 
+        content = self.creative_effects is not None
         cols: dict[str, list[Any]] = {k: [] for k in (
             "event_time", "request_id", "clicked", "converted", *self.EXAMPLE_CATEGORICAL,
-            *self.EXAMPLE_NUMERIC, "true_ctr")}
+            *self.EXAMPLE_NUMERIC, *(CONTENT_COLUMNS if content else ()), "true_ctr")}
         top_slots = self.config.top_slots
         for req, rid, served in self.simulate(start_time, duration_s, requests_per_s, slots, seed):
             user = self.users[req.user_index]
@@ -920,6 +974,9 @@ class World:
                 cols["position"].append(s.position)
                 cols["bid"].append(s.bid)
                 cols["query_len"].append(qlen)
+                if content:
+                    for k, v in ad.creatives[s.creative].content.features().items():
+                        cols[k].append(v)
                 cols["true_ctr"].append(s.p_click)
         df = pd.DataFrame(cols)
         df["position"] = df["position"].astype("int64")
@@ -939,6 +996,7 @@ class World:
             "creatives": sum(len(a.creatives) for a in self.ads),
             "users": len(self.users),
             "drifted_segments": [(s.kind, len(s.ids)) for s in self._segments],
+            "creative_content": self.creative_effects is not None,
         }
 
 
@@ -954,11 +1012,15 @@ def generate_examples(
     return (world or World()).to_examples_frame(start_time, duration_s, requests_per_s, slots, seed)
 
 
-def example_columns() -> dict[str, Sequence[str] | str]:
-    """The column roles of the examples frame, as the CTR evaluation expects them."""
+def example_columns(world: World | None = None) -> dict[str, Sequence[str] | str]:
+    """The column roles of the examples frame, as the CTR evaluation expects them (with the
+    creative content columns when ``world`` has content on)."""
+    content = world is not None and world.creative_effects is not None
     return {
         "time_col": "event_time",
         "label_col": "clicked",
-        "categorical": list(World.EXAMPLE_CATEGORICAL),
-        "numeric": list(World.EXAMPLE_NUMERIC),
+        "categorical": list(World.EXAMPLE_CATEGORICAL)
+        + ([k for k, r in CONTENT_COLUMNS.items() if r == "categorical"] if content else []),
+        "numeric": list(World.EXAMPLE_NUMERIC)
+        + ([k for k, r in CONTENT_COLUMNS.items() if r == "numeric"] if content else []),
     }
