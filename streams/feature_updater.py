@@ -40,15 +40,14 @@ from confluent_kafka import Consumer, TopicPartition
 
 from core import atomic
 from core.errors import AdstreamError, ConfigError, InvalidRecord
-from core.events import Click, Impression, dead_letter_record, decode
+from core.events import Click, Impression, decode
 from core.metrics import WorkerMetrics
 from core.settings import Settings, load_settings
 from features.aggregates import JOIN_KEYS, AggregateState
 from features.repo import view_name
 from features.store import FeatureStoreClient, FeatureStoreUnavailable
 from streams.broker import resolve_bootstrap
-from streams.kafka_io import (CountingProducer, assign_from, checkpointed_consumer, export_lag, is_error,
-                              make_producer)
+from streams.kafka_io import DeadLetterWriter, assign_from, checkpointed_consumer, export_lag, is_error
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +107,7 @@ class FeatureUpdater:
         self.seq = 0
         self._pending_append_ts: list[float] = []
         self._history: dict[str, dict[str, list[Any]]] = {}
-        self._dl_producer: CountingProducer | None = None
+        self.dead_letters = DeadLetterWriter(self.bootstrap, self.topics.dead_letter, self.metrics, WORKER)
         self._consumer: Consumer | None = None
         self.records = 0
         self.dead = 0
@@ -163,14 +162,7 @@ class FeatureUpdater:
 
     def _dead_letter(self, topic: str, part: int, off: int, raw: bytes | None, err: InvalidRecord) -> None:
         self.dead += 1
-        self.metrics.dead_letters.labels(WORKER, err.reason).inc()
-        if self._dl_producer is None:
-            self._dl_producer = make_producer(self.bootstrap, linger_ms=20)
-        dl_topic = self.topics.dead_letter
-        self._dl_producer.produce(dl_topic, dead_letter_record(topic, part, off, raw, err),
-                                  key=f"{topic}:{part}:{off}")
-        self._dl_producer.poll(0)
-        self.metrics.records_out.labels(WORKER, dl_topic).inc()
+        self.dead_letters.write(topic, part, off, raw, err)
         log.debug("dead letter %s:%d:%d %s", topic, part, off, err)
 
     # ---- flush and checkpoint ------------------------------------------------------------------
@@ -214,14 +206,17 @@ class FeatureUpdater:
             self.on_flush(stats)
         return stats
 
-    def checkpoint(self) -> None:
-        """History part file, dead letters delivered, then state + offsets in one atomic write."""
+    def checkpoint(self, timeout_s: float = 30.0) -> bool:
+        """History part file, dead letters delivered, then state + offsets in one atomic write.
+        False (nothing written) while a dead letter is not acknowledged: it is kept and re-sent, and
+        the next checkpoint tries again."""
         seq = self.seq + 1
+        if not self.dead_letters.confirm(timeout_s):
+            log.warning("%d dead letters not delivered yet: checkpoint postponed", self.dead_letters.outstanding)
+            return False
         if self._history:
             self.client.write_history(self._history, part=f"{seq:012d}")
             self._history = {}
-        if self._dl_producer is not None and self._dl_producer.flush(30) > 0:
-            raise AdstreamError("dead-letter records could not be delivered; not checkpointing")
         save_checkpoint(self.ckpt_path, {
             "version": CHECKPOINT_VERSION,
             "seq": seq,
@@ -236,6 +231,7 @@ class FeatureUpdater:
                 self._consumer.commit(offsets=tps, asynchronous=True)
             except Exception as e:  # monitoring only; the checkpoint is the source of truth
                 log.warning("offset commit failed: %s", e)
+        return True
 
     # ---- main loop -----------------------------------------------------------------------------
     def run(self, stop_event: threading.Event | None = None, max_idle_s: float | None = None) -> dict[str, Any]:
@@ -265,8 +261,9 @@ class FeatureUpdater:
                     self.flush()
                     last_flush = mono
                 if unsaved and not self.state.has_dirty() and mono - last_ckpt >= self.checkpoint_every_s:
-                    self.checkpoint()
-                    last_ckpt, unsaved = mono, False
+                    if self.checkpoint(timeout_s=2.0):
+                        unsaved = False
+                    last_ckpt = mono
                 if mono - last_lag >= 2.0:
                     self._update_lag(consumer, tps)
                     last_lag = mono
@@ -283,8 +280,10 @@ class FeatureUpdater:
             except Exception:
                 pass
             self._consumer = None
-            if self._dl_producer is not None:
-                self._dl_producer.flush(10)
+            left = self.dead_letters.close(10)
+            if left:
+                log.error("%d dead letters undelivered at exit: not in the checkpoint, so the next run "
+                          "reads their records again", left)
         return {"records": self.records, "dead_letters": self.dead, "checkpoint_seq": self.seq,
                 "events_applied": self.state.events_applied}
 

@@ -359,3 +359,10 @@ def group_lag(bootstrap: str, group: str, topic: str, timeout_s: float = 10.0) -
                 for low, high in [marks[p]]}
     finally:
         c.close()
+
+
+# --------------------------------------------------------------------------- delivery-checked output
+
+# the producers that keep every record until the broker acknowledged it (re-exported: one import
+# place for Kafka helpers); defined in streams/delivery.py, which imports nothing from this module
+from streams.delivery import DeadLetterWriter, DeliveryError, ReliableProducer  # noqa: E402,F401

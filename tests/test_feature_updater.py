@@ -259,3 +259,27 @@ def test_online_store_outage_keeps_rows_for_the_next_flush(tmp_path):
     assert set(rows["user"]["user_id"]) == users | {"__all__"}
     i = rows["ad"]["ad_id"].index("__all__")
     assert rows["ad"]["impressions"][i] == len(imps)
+
+
+def test_dead_letters_whose_delivery_fails_are_resent_before_the_checkpoint(bootstrap, topic_names, tmp_path,
+                                                                           monkeypatch):
+    """The first dead letters' deliveries fail (as after a broker outage longer than the message
+    timeout): the checkpoint must wait for them, and every one reaches the topic."""
+    import streams.delivery
+    import streams.kafka_io
+    from streams.feature_updater import run
+    from tests.faults import flaky_factory
+
+    create_topics(bootstrap, topic_names.all(), partitions=3)
+    imps, clicks = make_events(100, seed=3)
+    produce_all(bootstrap, topic_names, imps, clicks, bad=True)
+    flaky = flaky_factory(fail_first=3)  # the worker's producers from here on
+    monkeypatch.setattr(streams.kafka_io, "Producer", flaky)
+    monkeypatch.setattr(streams.delivery, "Producer", flaky)
+    settings = make_settings(bootstrap, topic_names, tmp_path)
+    out = run(settings, max_idle_s=2.0, metrics_port=0)
+    assert out["dead_letters"] == len(BAD_IMPRESSIONS) + len(BAD_CLICKS)
+    assert sum(len(p.failed) for p in flaky.instances) == 3  # the faults did happen
+    dl = read_topic(bootstrap, topic_names.dead_letter)
+    reasons = Counter(json.loads(v)["reason"] for _k, v, *_ in dl)
+    assert reasons == Counter(r for _, r in BAD_IMPRESSIONS + BAD_CLICKS)
