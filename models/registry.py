@@ -2,10 +2,14 @@
 
 Layout (one model name per sub-directory)::
 
-    ROOT/NAME/versions/v000001/{state.pt, meta.json}    published (passed the gate)
-    ROOT/NAME/rejected/v000002/{state.pt, meta.json}    kept for inspection, never served
+    ROOT/NAME/versions/v000001/{weights.safetensors, state.json, meta.json}   published (passed the gate)
+    ROOT/NAME/rejected/v000002/{...}                    kept for inspection, never served
     ROOT/NAME/LATEST                                    {"version": "v000001", "previous": [...]}
     ROOT/NAME/history.jsonl                             one line per pointer change
+
+- A version cannot run code when it is loaded: tensors and numeric arrays are in safetensors, every
+  other part of the state is JSON (``models.state_codec``); nothing is unpickled. A version in the
+  old pickle format (``state.pt``) is refused with a message, never loaded.
 
 - A version directory is written under a temporary name and renamed into place, so a reader never
   sees a half-written version; ``LATEST`` is replaced with ``os.replace`` (atomic on POSIX).
@@ -13,13 +17,15 @@ Layout (one model name per sub-directory)::
 - ``rollback()`` moves ``LATEST`` back to the version served before the current one;
   ``promote(v)`` points it at any published version.
 - Pure filesystem code: the caller passes times in (``meta["created_at"]``); nothing reads a clock.
+- A registry the process cannot write (a read-only mount) answers ``publish``/``promote``/``rollback``
+  with :class:`RegistryReadOnly`, naming the directory, instead of an unexplained ``OSError``.
 
 Readers (the online loader) poll :meth:`ModelRegistry.latest` and load with :meth:`load`.
 """
 
 from __future__ import annotations
 
-import io
+import errno
 import json
 import os
 import re
@@ -29,17 +35,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from core.atomic import atomic_write, fsync_dir
 
 _VERSION = re.compile(r"^v(\d{6,})$")
-STATE_FILE = "state.pt"
+WEIGHTS_FILE = "weights.safetensors"
+TREE_FILE = "state.json"
+LEGACY_STATE_FILE = "state.pt"  # pickle (torch.save): refused, it could run code when loaded
 META_FILE = "meta.json"
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class RegistryError(RuntimeError):
     """A registry operation that cannot be done (unknown version, nothing to roll back to, ...)."""
+
+
+class RegistryReadOnly(RegistryError):
+    """The registry directory cannot be written by this process (for example a read-only mount)."""
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @dataclass(frozen=True)
@@ -75,17 +93,26 @@ class ModelRegistry:
                         nums.append(int(m.group(1)))
         return f"v{max(nums) + 1:06d}"
 
+    def _read_only(self, e: OSError, what: str) -> RegistryError:
+        if e.errno in _READ_ONLY:
+            return RegistryReadOnly(f"model registry {self.dir} is not writable by this process ({e.strerror}); "
+                                    f"cannot {what}. Mount it read-write, or {what} where it is writable "
+                                    "(`adstream models ...`)")
+        return RegistryError(f"cannot {what} in {self.dir}: {e}")
+
     def _write_version(self, parent: Path, state: Any, meta: dict[str, Any]) -> VersionInfo:
-        parent.mkdir(parents=True, exist_ok=True)
-        version = self._next_version()
-        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{version}."))
+        from models.state_codec import encode_state
+
+        weights, tree = encode_state(state)  # before touching the directory: a bad state writes nothing
         try:
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            with open(tmp / STATE_FILE, "wb") as f:
-                f.write(buf.getvalue())
-                f.flush()
-                os.fsync(f.fileno())
+            parent.mkdir(parents=True, exist_ok=True)
+            version = self._next_version()
+            tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{version}."))
+        except OSError as e:
+            raise self._read_only(e, "store a version") from None
+        try:
+            _write_file(tmp / WEIGHTS_FILE, weights)
+            _write_file(tmp / TREE_FILE, tree)
             meta = {**meta, "name": self.name, "version": version}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
             final = parent / version
@@ -122,9 +149,12 @@ class ModelRegistry:
             if cur.get("version") and cur["version"] != version:
                 previous.append(cur["version"])
         data = {"version": version, "previous": previous[-100:]}
-        atomic_write(self.pointer, json.dumps(data).encode(), writers="many")  # trainer and admin calls
-        with open(self.history_file, "a") as f:
-            f.write(json.dumps({"version": version, "from": cur.get("version"), "reason": reason}) + "\n")
+        try:
+            atomic_write(self.pointer, json.dumps(data).encode(), writers="many")  # trainer and admin calls
+            with open(self.history_file, "a") as f:
+                f.write(json.dumps({"version": version, "from": cur.get("version"), "reason": reason}) + "\n")
+        except OSError as e:
+            raise self._read_only(e, f"{reason} {self.name} to {version}") from None
 
     def promote(self, version: str) -> VersionInfo:
         """Points ``LATEST`` at a published version (raises RegistryError if there is none)."""
@@ -171,11 +201,21 @@ class ModelRegistry:
     def load(self, version: str | None = None) -> tuple[Any, VersionInfo]:
         """``(state, info)`` of a published version (the latest by default)."""
         info = self.info(version)
+        return self.load_state(info.path), info
+
+    def load_state(self, path: Path) -> Any:
+        """The state stored in a version directory (published or rejected). Reads safetensors and
+        JSON only: a file crafted to run code is refused, never executed."""
+        from models.state_codec import StateFormatError, decode_state
+
+        wpath, tpath = path / WEIGHTS_FILE, path / TREE_FILE
+        if not wpath.exists() and (path / LEGACY_STATE_FILE).exists():
+            raise RegistryError(f"cannot load {path}: it is in the old pickle format ({LEGACY_STATE_FILE}), which "
+                                "can run code when loaded and is refused; publish the model again")
         try:
-            state = torch.load(info.path / STATE_FILE, map_location="cpu", weights_only=False)
-        except Exception as e:  # a corrupt file must not look like a valid model
-            raise RegistryError(f"cannot load {info.path / STATE_FILE}: {e}") from None
-        return state, info
+            return decode_state(wpath.read_bytes(), tpath.read_bytes())
+        except (OSError, StateFormatError) as e:  # a corrupt file must not look like a valid model
+            raise RegistryError(f"cannot load {path}: {e}") from None
 
     def history(self) -> list[dict[str, Any]]:
         if not self.history_file.is_file():

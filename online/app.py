@@ -30,7 +30,7 @@ from typing_extensions import Annotated
 
 from core.ports import EventSink
 from core.settings import ServeSettings
-from models.registry import RegistryError
+from models.registry import RegistryError, RegistryReadOnly
 from online.index import AdIndex
 from online.metrics import ServeMetrics
 from online.models import ModelLoader
@@ -279,11 +279,14 @@ def create_app(
     @app.post("/v1/admin/models/{name}/rollback", response_model=AdminResult, dependencies=[Depends(admin)],
               summary="Point LATEST back at the previous version and serve it now",
               responses={401: {"description": "no token"}, 403: {"description": "refused"},
-                         404: {"description": "unknown model"}, 409: {"description": "nothing to roll back to"}})
+                         404: {"description": "unknown model"}, 409: {"description": "nothing to roll back to"},
+                         503: {"description": "the registry is not writable by the service"}})
     def rollback(name: str) -> dict[str, Any]:
         _model(name)
         try:
             served = loader.rollback()
+        except RegistryReadOnly as e:  # e.g. the registry volume mounted read-only into the service
+            raise HTTPException(503, str(e)) from None
         except RegistryError as e:
             raise HTTPException(409, str(e)) from None
         log.warning("admin: model %s rolled back to %s", name, loader.registry.latest())
@@ -292,11 +295,14 @@ def create_app(
     @app.post("/v1/admin/models/{name}/promote/{version}", response_model=AdminResult,
               dependencies=[Depends(admin)], summary="Point LATEST at a published version and serve it now",
               responses={401: {"description": "no token"}, 403: {"description": "refused"},
-                         404: {"description": "unknown model"}, 409: {"description": "unknown version"}})
+                         404: {"description": "unknown model"}, 409: {"description": "unknown version"},
+                         503: {"description": "the registry is not writable by the service"}})
     def promote(name: str, version: str) -> dict[str, Any]:
         _model(name)
         try:
             served = loader.promote(version)
+        except RegistryReadOnly as e:  # e.g. the registry volume mounted read-only into the service
+            raise HTTPException(503, str(e)) from None
         except RegistryError as e:
             raise HTTPException(409, str(e)) from None
         log.warning("admin: model %s promoted to %s", name, version)

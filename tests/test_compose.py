@@ -295,6 +295,11 @@ def test_trainer_and_service_share_the_model_registry(services: dict[str, Any]) 
 
     assert TrainerSettings().registry_dir == ServeSettings().registry_dir
     assert mount("trainer", TrainerSettings().registry_dir) == mount("serve", ServeSettings().registry_dir)
+    # the service's admin calls (rollback, promote) write LATEST: its mount must not be read-only
+    serve_mounts = [str(v) for v in services["serve"].get("volumes") or []
+                    if str(v).split(":")[1] == f"/app/{ServeSettings().registry_dir}"]
+    assert serve_mounts and not any(v.split(":")[2:] and "ro" in v.split(":")[2].split(",")
+                                    for v in serve_mounts), serve_mounts
 
 
 def test_prometheus_and_grafana_files_are_mounted(services: dict[str, Any]) -> None:

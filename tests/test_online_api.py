@@ -335,6 +335,32 @@ def test_admin_refused_when_no_token_configured(registry, one_torch_thread):
         assert r.status_code in (401, 403)
 
 
+def test_admin_on_a_read_only_registry_is_a_503_that_says_why(registry, monkeypatch, one_torch_thread):
+    """The registry mounted read-only into the service (as docker-compose once did): a clear 503, not a
+    500, and the served version does not move."""
+    import errno
+
+    from fastapi.testclient import TestClient
+
+    import models.registry as registry_mod
+
+    root, _, _ = registry
+    app = create_app(settings(admin_token="s3cret"), registry_root=root, index=world_index())
+
+    def read_only(*_a, **_k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with TestClient(app) as c:
+        latest = registry_mod.ModelRegistry(root, "ctr").latest()
+        monkeypatch.setattr(registry_mod, "atomic_write", read_only)
+        auth = {"Authorization": "Bearer s3cret"}
+        for path in ("/v1/admin/models/ctr/rollback", "/v1/admin/models/ctr/promote/v000002"):
+            r = c.post(path, headers=auth)
+            assert r.status_code == 503, r.text
+            assert "not writable" in r.json()["detail"]
+        assert registry_mod.ModelRegistry(root, "ctr").latest() == latest
+
+
 def _wait(pred, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not pred():
