@@ -1,9 +1,17 @@
-"""Serving models: the ad CTR ranker (hot-swapped from the registry) and the creative ranker.
+"""Serving models: any published StreamModel, hot-swapped from the registry by name, and the
+creative ranker's Beta baseline.
 
-:class:`ModelLoader` polls the registry's ``LATEST`` pointer from its own thread. A new version is
-loaded, rebuilt and warmed (one prediction) off the request path, then put in place with a single
+:class:`ModelLoader` polls the registry's ``LATEST`` pointer of one model name from its own thread.
+A new version is loaded (safetensors + JSON: nothing in it can run code), rebuilt with the model's
+``from_state``, warmed (its ``warm()`` hook) off the request path, then put in place with a single
 reference assignment (``self._current = loaded``). A request reads ``loader.current`` once and uses
 that object to the end, so in-flight requests finish on the version they started with.
+
+Predictions take no lock: a StreamModel's ``predict`` is read-only (the CTR model's served copy
+never toggles train/eval). A model that declares ``thread_safe = False`` is serialised per version.
+
+:func:`predict_or_baseline` is the one way a request uses a model: the served version, else the
+baseline, and the model's name added to the response's ``degraded`` list.
 """
 
 from __future__ import annotations
@@ -15,82 +23,76 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from models.registry import ModelRegistry, RegistryError
+from models.stream_model import is_thread_safe
 
 log = logging.getLogger(__name__)
+
+__all__ = ["BetaCreativeRanker", "LoadedModel", "ModelLoader", "build_learner", "predict_or_baseline"]
+
+
+def __getattr__(name: str) -> Any:  # torch loads only when the CTR model is used
+    if name in ("examples_to_raw", "WARM_EXAMPLE"):
+        import models.ctr.stream as ctr_stream
+
+        return getattr(ctr_stream, name)
+    raise AttributeError(name)
 
 
 @dataclass
 class LoadedModel:
-    """One loaded CTR model version. ``predict`` is serialised per version (the learner toggles
-    train/eval mode around its forward pass)."""
+    """One loaded version of a model: ``predict`` goes straight to the model's (read-only) ``predict``."""
 
     version: str
-    learner: Any
+    model: Any
     created_at: float | None
     loaded_at: float
     meta: dict[str, Any] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    name: str = ""
+    _lock: threading.Lock | None = field(default=None, repr=False)
 
-    def predict(self, examples: Sequence[dict[str, Any]]) -> np.ndarray:
-        raw = examples_to_raw(examples, self.learner.fields, self.learner.config.numeric)
+    def __post_init__(self) -> None:
+        if self._lock is None and not is_thread_safe(self.model):
+            self._lock = threading.Lock()
+
+    def predict(self, inputs: Any) -> Any:
+        if self._lock is None:
+            return self.model.predict(inputs)
         with self._lock:
-            return self.learner.predict(raw)
+            return self.model.predict(inputs)
+
+    @property
+    def learner(self) -> Any:
+        """The CTR model's learner (``model`` itself for other models)."""
+        return getattr(self.model, "learner", self.model)
 
 
-def examples_to_raw(examples: Sequence[dict[str, Any]], fields: Sequence[str], numeric: Sequence[str]):
-    """Example dicts -> ``RawBatch`` with the semantics of ``models.ctr.raw_from_examples`` (a name
-    is looked up at the top level, then in ``features``; missing/invalid numbers are NaN), built
-    column by column: the prediction path's hot loop."""
-    from models.ctr import RawBatch
-
-    n = len(examples)
-    feats = [ex.get("features") or {} for ex in examples]
-    cats = {}
-    for f in fields:
-        col = np.empty(n, dtype=object)
-        col[:] = [ex[f] if f in ex else fe.get(f) for ex, fe in zip(examples, feats)]
-        cats[f] = col
-    dense = np.full((n, len(numeric)), np.nan, dtype=np.float32)
-    for j, f in enumerate(numeric):
-        for i, (ex, fe) in enumerate(zip(examples, feats)):
-            v = ex[f] if f in ex else fe.get(f)
-            if v is None:
-                continue
-            if isinstance(v, (int, float)):
-                x = float(v)
-            else:
-                try:
-                    x = float(v)
-                except (TypeError, ValueError):
-                    continue
-            if math.isfinite(x):
-                dense[i, j] = x
-    times = np.array([float(ex.get("event_time") or 0.0) for ex in examples], dtype=np.float64)
-    return RawBatch(cats, dense, np.zeros(n, dtype=np.float32), times, np.arange(n, dtype=np.int64))
-
-
-def build_learner(state: dict[str, Any]):
-    """``CTRLearner(CTRConfig.from_dict(state["config"]))`` + ``load_state_dict(state)``."""
-    from models.ctr import CTRConfig, CTRLearner
+def build_learner(state: dict[str, Any]) -> Any:
+    """The CTR model of a registry state (``CTRStreamModel.from_state``), ready to serve."""
+    from models.ctr.stream import CTRStreamModel
 
     if not isinstance(state, dict) or "config" not in state:
         raise RegistryError("the stored state has no 'config' (not a CTRLearner.state_dict())")
-    cfg = state["config"]
-    learner = CTRLearner(CTRConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg)
-    learner.load_state_dict(state)
-    return learner
+    return CTRStreamModel.from_state(state)
 
 
-WARM_EXAMPLE = {"user_id": "warm-u", "query": "warm", "ad_id": "warm-a", "creative_id": "warm-c",
-                "bidword": "warm", "category": "warm/leaf", "position": 0, "bid": 1.0, "slot": "top",
-                "domain": "search", "event_time": 0.0, "features": {}}
+def predict_or_baseline(loaded: LoadedModel | None, inputs: Any, baseline: Callable[[Any], Any], name: str,
+                        degraded: list[str]) -> tuple[Any, str]:
+    """``(output, version)`` of the served model; when it is missing or fails, ``(baseline(inputs),
+    "baseline")`` with ``name`` appended to ``degraded`` (a request never fails on a model)."""
+    if loaded is not None:
+        try:
+            return loaded.predict(inputs), loaded.version
+        except Exception as e:  # noqa: BLE001 - a broken model degrades, never fails the request
+            log.warning("model %s %s failed, serving the baseline: %s", name or loaded.name, loaded.version, e)
+    degraded.append(name)
+    return baseline(inputs), "baseline"
 
 
 class ModelLoader:
-    """Watches ``ModelRegistry(root, name)`` and keeps the latest version loaded."""
+    """Watches ``ModelRegistry(root, name)`` and keeps the latest version loaded.
+
+    ``build``: state -> model (a StreamModel class's ``from_state``; the CTR model by default)."""
 
     def __init__(self, registry_root, name: str = "ctr", poll_s: float = 1.0,
                  build: Callable[[Any], Any] = build_learner,
@@ -131,11 +133,11 @@ class ModelLoader:
             t0 = time.perf_counter()
             try:
                 state, info = self.registry.load(latest)
-                learner = self._build(state)
-                loaded = LoadedModel(latest, learner, _created_at(info.meta), time.time(), dict(info.meta))
-                p = loaded.predict([WARM_EXAMPLE])  # warm up off the request path
-                if not np.all(np.isfinite(p)):
-                    raise RegistryError(f"version {latest} predicts non-finite values")
+                model = self._build(state)
+                loaded = LoadedModel(latest, model, _created_at(info.meta), time.time(), dict(info.meta), self.name)
+                warm = getattr(model, "warm", None)
+                if callable(warm):
+                    warm()  # off the request path; raises on a model that predicts garbage
             except Exception as e:  # noqa: BLE001 - a bad version must never take the service down
                 self.failed_loads += 1
                 self.last_error = f"{latest}: {e}"

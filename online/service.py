@@ -27,7 +27,7 @@ from core.ports import EventSink
 from core.settings import ServeSettings
 from online.index import AdIndex, Candidate, CountsClassifier, IndexRewriter, QueryClassifier, QueryRewriter
 from online.metrics import ServeMetrics
-from online.models import BetaCreativeRanker, LoadedModel, ModelLoader
+from online.models import BetaCreativeRanker, LoadedModel, ModelLoader, predict_or_baseline
 
 log = logging.getLogger(__name__)
 
@@ -254,13 +254,10 @@ class AdService:
                 "event_time": event_time, "features": features}
 
     def rank_ads(self, model: LoadedModel | None, examples: list[dict], priors: list[float]) -> Ranked:
-        if model is not None:
-            try:
-                p = model.predict(examples)
-                return Ranked([float(x) for x in p], model.version, False)
-            except Exception as e:  # noqa: BLE001
-                log.warning("ctr model %s failed, ranking by the prior: %s", model.version, e)
-        return Ranked(list(priors), "prior", True)
+        """pCTR of the served CTR model, else the stream-CTR priors (degraded)."""
+        degraded: list[str] = []
+        p, version = predict_or_baseline(model, examples, lambda _x: priors, "ctr_model", degraded)
+        return Ranked([float(x) for x in p], "prior" if degraded else version, bool(degraded))
 
     def rank_creatives(self, creative_rows: list[list[dict | None]], priors: list[float]) -> list[int]:
         """Index of the best creative of every candidate (ties: the first)."""

@@ -200,9 +200,14 @@ class CTRLearner:
     def logits_for_input(self, inp: ModelInput) -> torch.Tensor:
         """Full predictor logits (chain + live network), no gradient."""
         with torch.no_grad():
-            self.net.eval()
-            z = self.net(inp)[0]
-            self.net.train()
+            if self.net.training:  # between training steps: predict in eval mode, then back
+                self.net.eval()
+                try:
+                    z = self.net(inp)[0]
+                finally:
+                    self.net.train()
+            else:  # a served copy stays in eval mode: nothing is toggled, concurrent calls are safe
+                z = self.net(inp)[0]
             c = self._chain_logits(inp)
             return z if c is None else z + c
 
