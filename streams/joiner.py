@@ -99,22 +99,21 @@ def build_app(
             await _publish_and_commit()
 
     async def _publish_and_commit() -> None:
-        out = JoinOutput(list(state.out.examples), list(state.out.dead), state.out.stats.copy())
-        state.out.clear()
         committable = state.committable()  # taken with the outputs it depends on
         generation = gen["n"]
-        futs = []
-        for ex in out.examples:
-            futs.append(await examples_topic.send(key=ex.key.encode(), value=ex.to_json()))
-        for d in out.dead:
+
+        async def send_example(ex):
+            return await examples_topic.send(key=ex.key.encode(), value=ex.to_json())
+
+        async def send_dead(d):
             topic = topic_of_kind[d.kind]
-            futs.append(await dlq_topic.send(
-                key=dead_letter_key(topic, d),
-                value=dead_letter_record(topic, d.partition, d.offset, d.raw, d.error),
-            ))
-        count_outputs(metrics, out, topics.examples)
-        if futs:
-            await asyncio.gather(*futs)  # delivered before the offsets they depend on are committed
+            return await dlq_topic.send(key=dead_letter_key(topic, d),
+                                        value=dead_letter_record(topic, d.partition, d.offset, d.raw, d.error))
+
+        sent = await publish_outputs(state.out, send_example, send_dead)
+        if sent is None:
+            return  # kept in state.out and sent again next time; nothing committed meanwhile
+        count_outputs(metrics, sent, topics.examples)
         if generation != gen["n"]:
             return  # a rebalance rebuilt the state meanwhile: these offsets are not ours to commit
         await _commit(committable)
@@ -232,6 +231,35 @@ def build_app(
                  sorted({tp.partition for tp in assigned if tp.topic in kind_of_topic}))
 
     return app
+
+
+async def publish_outputs(out: JoinOutput, send_example, send_dead) -> JoinOutput | None:
+    """Send every output queued in ``out`` and wait until each is delivered; only then remove them
+    from ``out``. ``send_*`` are coroutines returning a delivery future (faust's ``topic.send``).
+    Returns what was delivered, or None when a send failed: everything stays queued (sent again
+    with the next batch; duplicates carry the same key and content), so the caller commits no
+    offset that depends on an output not on the broker. Outputs appended to ``out`` while this
+    waits stay queued for the next call."""
+    n_ex, n_dead = len(out.examples), len(out.dead)
+    sent = JoinOutput(out.examples[:n_ex], out.dead[:n_dead], out.stats.copy())
+    try:
+        futs = [await send_example(ex) for ex in sent.examples]
+        futs += [await send_dead(d) for d in sent.dead]
+        if futs:
+            await asyncio.gather(*futs)  # delivered before the offsets they depend on are committed
+    except Exception as e:  # noqa: BLE001 - a broker error: keep everything, try again
+        log.warning("%d outputs not delivered (%s: %s): kept and sent again; offsets not committed",
+                    n_ex + n_dead, type(e).__name__, e)
+        return None
+    del out.examples[:n_ex]
+    del out.dead[:n_dead]
+    for k, v in sent.stats.items():
+        left = out.stats[k] - v
+        if left > 0:
+            out.stats[k] = left
+        else:
+            del out.stats[k]
+    return sent
 
 
 def count_outputs(metrics: WorkerMetrics, out: JoinOutput, examples_topic: str) -> None:

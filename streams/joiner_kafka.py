@@ -22,7 +22,7 @@ from core.metrics import WorkerMetrics
 from core.settings import Settings
 from streams.join import CLICK, CONVERSION, IMPRESSION, DeadLetter, InputProgress, JoinState
 from streams.joiner import COMMIT_INTERVAL_S, IDLE_AFTER_S, count_outputs, dead_letter_key
-from streams.kafka_io import is_error, make_producer
+from streams.kafka_io import ReliableProducer, is_error
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,9 @@ class KafkaJoiner:
         self.assigned: set[int] = set()
         self.start_offsets: dict[tuple[str, int], int | None] = {}
         self._stop = threading.Event()
-        self.producer = make_producer(bootstrap)
+        # keeps every example and dead letter until the broker acknowledged it (re-sends failures);
+        # offsets are committed only when nothing is outstanding (_commit)
+        self.producer = ReliableProducer(bootstrap, name="joiner outputs")
         self.consumer = Consumer({
             "bootstrap.servers": bootstrap,
             "group.id": app_id,
@@ -135,7 +137,7 @@ class KafkaJoiner:
             self._publish()
             self._commit(force=True)
             c.close()  # leaves the group: the others take the partitions over at once
-            self.producer.flush(30)
+            self.producer.close(30)
 
     # -- helpers ------------------------------------------------------------------------------
     def _publish(self) -> None:
@@ -144,22 +146,14 @@ class KafkaJoiner:
             return
         p = self.producer
         for ex in out.examples:
-            self._produce(self.topics.examples, ex.key.encode(), ex.to_json())
+            p.produce(self.topics.examples, ex.to_json(), key=ex.key.encode())
         for d in out.dead:
             topic = self.topic_of_kind[d.kind]
-            self._produce(self.topics.dead_letter, dead_letter_key(topic, d),
-                          dead_letter_record(topic, d.partition, d.offset, d.raw, d.error))
+            p.produce(self.topics.dead_letter, dead_letter_record(topic, d.partition, d.offset, d.raw, d.error),
+                      key=dead_letter_key(topic, d))
         count_outputs(self.metrics, out, self.topics.examples)
-        out.clear()
+        out.clear()  # the producer keeps them until they are acknowledged
         p.poll(0)
-
-    def _produce(self, topic: str, key: bytes, value: bytes) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value, key=key)
-                return
-            except BufferError:
-                self.producer.poll(0.05)
 
     def _commit(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -173,9 +167,11 @@ class KafkaJoiner:
         ]
         if not offsets:
             return
-        errors_before = self.producer.errors
-        if self.producer.flush(30) > 0 or self.producer.errors > errors_before:
-            log.error("outputs not delivered: offsets not committed (the records will be re-read)")
+        # every output produced so far, not only since the last commit: a delivery that failed
+        # earlier is still outstanding (kept and re-sent) and holds the commit back
+        if not self.producer.confirm(30 if force else 10):
+            log.error("%d outputs not acknowledged yet (kept, re-sent): offsets not committed",
+                      self.producer.outstanding)
             return
         try:
             self.consumer.commit(offsets=offsets, asynchronous=False)

@@ -168,3 +168,57 @@ def test_an_idle_input_holds_the_watermark_at_its_horizon():
     st.add("impression", 0, 1, imp("r1", "a1", 1080.0))
     st.advance()
     assert not st.out.dead and st.out.stats["click_matched"] == 2
+
+
+# -- the faust runtime's output step: nothing leaves the queue before it is delivered -------------
+
+def test_outputs_stay_queued_until_their_sends_complete():
+    """A send whose delivery fails leaves every output of the batch queued (sent again with the
+    next one); outputs queued while a batch is in flight stay for the next call."""
+    import asyncio
+
+    from core.events import Example
+    from streams.joiner import publish_outputs
+
+    st = JoinState(window_s=30, lateness_s=5)
+    for i in range(5):
+        st.add(IMPRESSION, 0, i, imp(f"r{i}", "a", 100.0 + i))
+    st.advance(flush_all=True)
+    out = st.out
+    assert len(out.examples) == 5
+    delivered: list[str] = []
+    fail = {"left": 1}
+    extra: list = []
+
+    async def run():
+        loop = asyncio.get_running_loop()
+
+        async def send_example(ex):
+            fut = loop.create_future()
+            if ex.request_id == "r0" and fail["left"] == 0 and not extra:
+                extra.append(imp("r9", "a", 200.0))  # queued while this batch is in flight
+                out.examples.append(Example.from_impression(extra[0], False, False, None))
+            if fail["left"] and ex.request_id == "r3":
+                fail["left"] -= 1
+                fut.set_exception(RuntimeError("delivery timed out"))
+            else:
+                delivered.append(ex.key)
+                fut.set_result(None)
+            return fut
+
+        async def send_dead(d):
+            fut = loop.create_future()
+            fut.set_result(None)
+            return fut
+
+        first = await publish_outputs(out, send_example, send_dead)
+        assert first is None  # one failed: nothing is taken off the queue
+        assert [e.request_id for e in out.examples] == [f"r{i}" for i in range(5)]
+        assert out.stats["negative"] == 5
+        # the next call delivers everything that was queued when it started, and only that
+        second = await publish_outputs(out, send_example, send_dead)
+        assert second is not None and len(second.examples) == 5 and second.stats["negative"] == 5
+        assert [e.request_id for e in out.examples] == ["r9"] and not out.stats
+
+    asyncio.run(run())
+    assert {f"r{i}:a" for i in range(5)} <= set(delivered)

@@ -220,3 +220,46 @@ def test_two_workers_split_partitions_and_one_leaving_loses_nothing(bootstrap, t
         shares = [set(json.loads(m)) for m in re.findall(
             r"assigned partitions (\[[\d, ]*\])", (tmp_path / f"{name}.log").read_text(errors="replace"))]
         assert any(0 < len(sh) < 6 for sh in shares), f"worker {name} never got a share: {shares}"
+
+
+def test_kafka_joiner_loses_no_example_when_deliveries_fail(bootstrap, topic_names, unique_topic_prefix, monkeypatch):
+    """Every 4th example's first delivery fails (what librdkafka reports after a broker outage
+    longer than the message timeout): each must still reach the topic, and no offset may be
+    committed past an example that is not on the broker."""
+    import threading
+
+    import streams.delivery
+    import streams.kafka_io
+    from core.settings import JoinSettings, KafkaSettings, Settings
+    from streams.joiner_kafka import KafkaJoiner
+    from tests.faults import flaky_factory
+
+    events = world_slice(seed=15, duration=150.0, rps=3.0)
+    exp = expected_examples(events)
+    setup_topics(bootstrap, topic_names)
+    replay(events, bootstrap, topic_names, progress=False)
+    seen: set = set()
+
+    def first_delivery_of_every_4th_example(topic, key, _value):
+        if topic != topic_names.examples or key in seen:
+            return False
+        seen.add(key)
+        return len(seen) % 4 == 0
+
+    flaky = flaky_factory(fail=first_delivery_of_every_4th_example)
+    monkeypatch.setattr(streams.kafka_io, "Producer", flaky)
+    monkeypatch.setattr(streams.delivery, "Producer", flaky)
+    s = Settings(kafka=KafkaSettings(bootstrap=bootstrap, topics=topic_names),
+                 join=JoinSettings(attribution_window_s=WINDOW, allowed_lateness_s=LATENESS))
+    j = KafkaJoiner(s, bootstrap, unique_topic_prefix + "joiner", idle_flush_s=2.0)
+    t = threading.Thread(target=j.run, daemon=True)
+    t.start()
+    try:
+        by_key, _ = collect_examples(bootstrap, topic_names.examples, set(exp), timeout=90)
+    finally:
+        j.stop()
+        t.join(60)
+    failed = sum(len(p.failed) for p in flaky.instances)
+    assert failed >= len(exp) // 4 - 1, failed  # the faults happened
+    assert set(by_key) == set(exp), f"missing {len(set(exp) - set(by_key))} of {len(exp)} examples"
+    assert labels(by_key) == exp
