@@ -110,7 +110,10 @@ class TrainerSettings(BaseModel):
     gate_logloss_margin: float = Field(0.01, ge=0)
     on_reject: str = Field("reset", pattern="^(reset|continue)$")
     # stream hygiene and stop conditions
-    dedup_horizon: int = Field(200_000, ge=0)  # example keys remembered for de-duplication
+    # de-duplication by key over an event-time horizon (None = the joiner's re-emission horizon:
+    # join.attribution_window_s + join.allowed_lateness_s + 120 s); dedup_max_keys bounds memory
+    dedup_horizon_s: float | None = Field(None, gt=0)
+    dedup_max_keys: int = Field(2_000_000, ge=0)
     max_windows: int | None = Field(None, ge=1)
     idle_exit_s: float | None = Field(None, gt=0)
     threads: int = Field(1, ge=1)

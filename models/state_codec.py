@@ -160,10 +160,10 @@ def _decoder(tensors: dict[str, torch.Tensor]):
         if tag == "bytes":
             return base64.b64decode(str(d["b64"]), validate=True)
         if tag == "dtype":
-            dt = getattr(torch, str(d["name"]), None)
-            if not isinstance(dt, torch.dtype):
+            tdt = getattr(torch, str(d["name"]), None)
+            if not isinstance(tdt, torch.dtype):
                 raise StateFormatError(f"unknown torch dtype {d['name']!r}")
-            return dt
+            return tdt
         raise StateFormatError(f"unknown tag {tag!r} in state")
 
     return hook

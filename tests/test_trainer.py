@@ -27,6 +27,7 @@ from streams.kafka_io import create_topics, make_producer, read_topic
 pytestmark = [pytest.mark.kafka]
 
 ROOT = Path(__file__).resolve().parents[1]
+CTR = {"name": "ctr"}  # the trainer's metrics are labelled by model name
 
 BAD_RECORDS = [
     (b"{not json", "malformed_json"),
@@ -115,14 +116,14 @@ def test_trains_publishes_dedups_and_dead_letters(bootstrap, topic_names, tmp_pa
         assert r["shadow_strategy"] == "finetune"
 
     r = metrics.registry
-    assert r.get_sample_value("adstream_trainer_examples_trained_total") == 2000
-    assert r.get_sample_value("adstream_trainer_windows_trained_total") == 5
-    assert r.get_sample_value("adstream_trainer_duplicates_total") == len(dups)
-    gates = sum(r.get_sample_value("adstream_trainer_gate_decisions_total", {"outcome": o}) or 0
+    assert r.get_sample_value("adstream_trainer_examples_trained_total", CTR) == 2000
+    assert r.get_sample_value("adstream_trainer_windows_trained_total", CTR) == 5
+    assert r.get_sample_value("adstream_trainer_duplicates_total", CTR) == len(dups)
+    gates = sum(r.get_sample_value("adstream_trainer_gate_decisions_total", {**CTR, "outcome": o}) or 0
                 for o in ("publish", "reject"))
     assert gates == 4
-    assert r.get_sample_value("adstream_trainer_window_auc", {"model": "candidate"}) == pytest.approx(rows[-1]["auc"])
-    assert r.get_sample_value("adstream_trainer_model_age_seconds") > 0
+    assert r.get_sample_value("adstream_trainer_window_auc", {**CTR, "model": "candidate"}) == pytest.approx(rows[-1]["auc"])
+    assert r.get_sample_value("adstream_trainer_model_age_seconds", CTR) > 0
     assert r.get_sample_value("adstream_dead_letters_total", {"worker": "trainer", "reason": "malformed_json"}) == 1
 
     dl = read_topic(bootstrap, topic_names.dead_letter)
@@ -265,7 +266,7 @@ def test_poisoned_window_is_rejected_and_serving_kept(bootstrap, topic_names, tm
         assert m["trained_through_window"] != 3
     assert out["rejected"] >= 1 and out["resets"] >= 1
     assert metrics.registry.get_sample_value("adstream_trainer_gate_decisions_total",
-                                             {"outcome": "reject"}) == out["rejected"]
+                                             {**CTR, "outcome": "reject"}) == out["rejected"]
     # after the reset, window 5's candidate (serving + window 4) is healthy again
     assert rows[5]["logloss"] < r4["logloss"]
 

@@ -129,7 +129,7 @@ class CTRStreamModel:
         y = raw.labels
         clicks = float(y.sum())
         return {"auc": auc(y, p), "logloss": logloss(y, p),
-                "calibration": float(p.sum()) / clicks if clicks > 0 else float("nan"), "examples": len(raw)}
+                "calibration": float(p.sum()) / clicks if clicks > 0 else float("nan")}
 
     def predict(self, inputs: Sequence[Mapping[str, Any]] | RawBatch) -> np.ndarray:
         raw = inputs if isinstance(inputs, RawBatch) else examples_to_raw(inputs, self.learner.fields,
