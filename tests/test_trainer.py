@@ -146,7 +146,9 @@ def test_crash_between_checkpoints_resumes_exactly(bootstrap, topic_names, tmp_p
     create_topics(bootstrap, topic_names.all(), partitions=3)
     exs = world_examples(2400, seed=4)
     produce(bootstrap, topic_names.examples, exs)
-    settings = make_settings(bootstrap, topic_names, tmp_path, window_examples=300, min_window=50)
+    # wide margins: every candidate is published, so window 3's decision moves LATEST before the crash
+    settings = make_settings(bootstrap, topic_names, tmp_path, window_examples=300, min_window=50,
+                             gate_auc_margin=1.0, gate_logloss_margin=10.0)
 
     def crash_at(k):
         def hook(rec):
@@ -177,6 +179,15 @@ def test_crash_between_checkpoints_resumes_exactly(bootstrap, topic_names, tmp_p
         d = reg.rejected_dir if rejected else reg.versions_dir
         decided += [json.loads((d / v / "meta.json").read_text())["window"] for v in reg.versions(rejected)]
     assert sorted(decided) == list(range(1, 8))
+    # the resumed line of window 3 carries the figures of the decision taken before the crash (judged
+    # against the version served then), not the candidate compared with itself
+    r3 = rows[3]
+    assert r3["gate"] == "publish"
+    meta3 = json.loads((reg.versions_dir / r3["version"] / "meta.json").read_text())
+    assert meta3["window"] == 3 and meta3["serving_version"] not in (None, r3["version"])
+    assert r3["judged_against"] == meta3["serving_version"]
+    assert (r3["auc"], r3["logloss"]) == (meta3["auc"], meta3["logloss"])
+    assert (r3["serving_auc"], r3["serving_logloss"]) == (meta3["serving_auc"], meta3["serving_logloss"])
 
 
 @pytest.mark.slow
