@@ -104,8 +104,6 @@ def run(args: argparse.Namespace) -> int:
     if args.capacity < 2:
         raise ConfigError("--capacity must be >= 2")
     torch.set_num_threads(max(1, args.threads))
-    for h in logging.getLogger().handlers:  # fbgemm logs one INFO line per table batch it builds
-        h.addFilter(lambda r: not str(r.msg).startswith("[TBE="))
     df = load_frame(args.data, cols)
     total = ec.seeds * len(strategies) * (ec.periods - ec.warm_start - 1)
     with tqdm(total=total, desc="evaluate-ctr", unit="period", file=sys.stderr) as bar:

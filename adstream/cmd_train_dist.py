@@ -232,14 +232,7 @@ def format_periods(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _quiet_library_logs() -> None:
-    """fbgemm logs one INFO line per library it loads and per table batch it builds."""
-    for h in logging.getLogger().handlers:
-        h.addFilter(lambda r: not str(r.msg).startswith(("[TBE=", "Successfully loaded")))
-
-
 def run(args: argparse.Namespace) -> int:
-    _quiet_library_logs()
     spec = _spec(args)
     spec["nproc"] = args.nproc
     check_spec(spec)
@@ -271,11 +264,11 @@ def worker(spec_path: str) -> int:
         return 1
     dist.init_process_group(backend=spec["backend"])
     rank = dist.get_rank()
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
-    )
-    _quiet_library_logs()
+    from core.logs import setup_logging, verbosity_from_env
+
+    setup_logging(verbosity_from_env(), fmt=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # an fx deprecation note per rank
     logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)  # Topology/estimate notes
     device = torch.device("cpu")

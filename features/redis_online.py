@@ -306,6 +306,9 @@ def _generic(v: bytes | None) -> Any:
     """Any Value proto -> its Python value (None for absent/empty)."""
     if not v:
         return None
+    from features import feast_ready
+
+    feast_ready()
     from feast.protos.feast.types.Value_pb2 import Value
 
     p = Value.FromString(v)

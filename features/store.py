@@ -35,6 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from core.atomic import atomic_write
 from core.errors import AdstreamError, ConfigError
 from core.settings import FeatureSettings
+from features import feast_ready
 from features import repo as feast_repo
 from features.aggregates import (
     ENTITY_TYPES,
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("FEAST_USAGE", "False")
 
 
-def _keep_prometheus_in_process() -> None:
+def keep_prometheus_in_process() -> None:
     """Undo a process-wide side effect of ``feast.metrics`` (imported lazily by Feast's read paths):
     at import it sets ``PROMETHEUS_MULTIPROC_DIR`` to a temporary directory of its own, which puts
     every prometheus_client metric created afterwards -- adstream's worker metrics included -- into
@@ -70,8 +71,6 @@ def _keep_prometheus_in_process() -> None:
 
     values.ValueClass = values.get_value_class()
 
-
-_keep_prometheus_in_process()
 
 PUSH_TARGETS = ("online", "offline", "online_and_offline")
 Rows = Mapping[str, Mapping[str, Sequence[Any]]]
@@ -110,6 +109,7 @@ class FeatureStoreClient:
     """Feast repository management, pushes and reads for adstream's entity aggregates."""
 
     def __init__(self, settings: FeatureSettings, apply: bool = True) -> None:
+        feast_ready()
         _quiet_feast()
         self.settings = settings
         self.repo_dir = Path(settings.repo_dir).resolve()

@@ -30,6 +30,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from core.errors import AdstreamError, InvalidRecord
 from core.events import dead_letter_record
+from streams.client_log import client_config
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class ReliableProducer:
         self.name = name
         self.block_s = block_s
         self._factory = raw_factory or Producer
-        self._p = self._factory(self.config)
+        self._p = self._factory(client_config(self.config))
         self._seq = 0
         self._unacked: dict[int, tuple[str, bytes | None, bytes | None]] = {}
         self._to_send: list[int] = []  # failed or backlogged, not in librdkafka's queue
@@ -139,7 +140,7 @@ class ReliableProducer:
         log.error("%s: fatal producer error, replacing the producer and re-sending %d records: %s",
                   self.name, len(self._unacked), err)
         self.recreated += 1
-        self._p = self._factory(self.config)
+        self._p = self._factory(client_config(self.config))
         self._to_send = sorted(self._unacked)
 
     # ---- waiting ---------------------------------------------------------------------------

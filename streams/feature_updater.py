@@ -41,6 +41,7 @@ from confluent_kafka import Consumer, TopicPartition
 from core import atomic
 from core.errors import AdstreamError, ConfigError, InvalidRecord
 from core.events import Click, Impression, decode
+from core.logs import setup_logging, verbosity_from_env
 from core.metrics import WorkerMetrics
 from core.settings import Settings, load_settings
 from features.aggregates import JOIN_KEYS, AggregateState
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bootstrap", metavar="HOST:PORT", help="Kafka bootstrap servers")
     add_arguments(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(verbosity_from_env())
     try:
         over = {"kafka": {"bootstrap": args.bootstrap}} if args.bootstrap else {}
         return run_from_args(args, load_settings(args.config, **over))

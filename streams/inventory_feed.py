@@ -17,6 +17,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from core.errors import InvalidRecord
 from core.events import BidwordChange, decode
+from streams.kafka_io import client_config
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,10 @@ class InventoryFeed:
         self.caught_up = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._consumer = Consumer({
+        self._consumer = Consumer(client_config({
             "bootstrap.servers": bootstrap, "group.id": f"adstream-serve-inventory-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False, "enable.partition.eof": True, "auto.offset.reset": "earliest",
-        })
+        }))
 
     def start(self) -> "InventoryFeed":
         if self._thread is None:

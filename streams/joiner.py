@@ -23,6 +23,7 @@ from typing import Any
 
 from core.errors import InvalidRecord
 from core.events import Click, Conversion, Impression, dead_letter_record, decode
+from core.logs import setup_logging, verbosity_from_env
 from core.metrics import WorkerMetrics
 from core.settings import Settings
 from streams.join import CLICK, CONVERSION, IMPRESSION, DeadLetter, InputProgress, JoinOutput, JoinState
@@ -305,7 +306,7 @@ def run_worker(
     import faust
 
     app = build_app(settings, bootstrap, app_id, metrics, idle_flush_s)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, override_logging=False)  # core.logs setup stays
     worker.execute_from_commandline()
 
 
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.lateness is not None:
         over.setdefault("join", {})["allowed_lateness_s"] = a.lateness
     s = load_settings(a.config, **over)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(verbosity_from_env())
     run_worker(s, a.bootstrap, a.app_id, a.metrics_port, a.idle_flush, runtime=a.runtime)
     return 0
 

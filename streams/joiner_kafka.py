@@ -22,7 +22,7 @@ from core.metrics import WorkerMetrics
 from core.settings import Settings
 from streams.join import CLICK, CONVERSION, IMPRESSION, DeadLetter, InputProgress, JoinState
 from streams.joiner import COMMIT_INTERVAL_S, IDLE_AFTER_S, count_outputs, dead_letter_key
-from streams.kafka_io import ReliableProducer, is_error
+from streams.kafka_io import ReliableProducer, client_config, is_error
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class KafkaJoiner:
         # keeps every example and dead letter until the broker acknowledged it (re-sends failures);
         # offsets are committed only when nothing is outstanding (_commit)
         self.producer = ReliableProducer(bootstrap, name="joiner outputs")
-        self.consumer = Consumer({
+        self.consumer = Consumer(client_config({
             "bootstrap.servers": bootstrap,
             "group.id": app_id,
             "enable.auto.commit": False,
@@ -61,7 +61,7 @@ class KafkaJoiner:
             "session.timeout.ms": settings.kafka.session_timeout_ms,
             "heartbeat.interval.ms": settings.kafka.heartbeat_interval_ms,
             "partition.assignment.strategy": "range",  # co-partitioned topics: same index, same worker
-        })
+        }))
 
     # -- rebalance ----------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:

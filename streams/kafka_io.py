@@ -17,6 +17,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from core.errors import AdstreamError
 from core.settings import KafkaSettings
+from streams.client_log import RDKAFKA_LOG, client_config  # noqa: F401 - client_config is part of this API
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class KafkaIOError(AdstreamError):
 
 
 def _admin(bootstrap: str) -> AdminClient:
-    return AdminClient({"bootstrap.servers": bootstrap})
+    return AdminClient(client_config({"bootstrap.servers": bootstrap}))
 
 
 def list_topics(bootstrap: str, timeout_s: float = 10.0, internal: bool = False) -> dict[str, int]:
@@ -126,7 +127,7 @@ class CountingProducer:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = dict(config)
-        self._p = Producer(self.config)
+        self._p = Producer(client_config(self.config))
         self.delivered = 0
         self.errors = 0
         self.last_error: KafkaError | None = None
@@ -198,14 +199,14 @@ def _plain_consumer(bootstrap: str, **extra: Any) -> Consumer:
     cfg = {"bootstrap.servers": bootstrap, "group.id": f"adstream-reader-{uuid.uuid4().hex[:8]}",
            "enable.auto.commit": False, "enable.partition.eof": True, "auto.offset.reset": "earliest"}
     cfg.update(extra)
-    return Consumer(cfg)
+    return Consumer(client_config(cfg))
 
 
 def checkpointed_consumer(bootstrap: str, group_id: str, kafka: KafkaSettings) -> Consumer:
     """A consumer for workers that keep their offsets in their own checkpoint and assign partitions
     explicitly (:func:`assign_from`): no auto-commit, no offset store; the group id only names the
     client on the broker."""
-    return Consumer({
+    return Consumer(client_config({
         "bootstrap.servers": bootstrap,
         "group.id": group_id,
         "enable.auto.commit": False,
@@ -216,7 +217,7 @@ def checkpointed_consumer(bootstrap: str, group_id: str, kafka: KafkaSettings) -
         "fetch.wait.max.ms": 50,
         "statistics.interval.ms": 2000,  # lets get_watermark_offsets(cached=True) answer locally
         "stats_cb": lambda _s: None,
-    })
+    }))
 
 
 def assign_from(consumer: Consumer, bootstrap: str, topics: Iterable[str],
@@ -265,7 +266,7 @@ def is_error(msg: Any) -> bool:
     if err is None:
         return False
     if err.code() != KafkaError._PARTITION_EOF:
-        log.warning("consumer error: %s", err)
+        RDKAFKA_LOG.warning("consumer error: %s", err)  # repeats are rate-limited (core/logs.py)
     return True
 
 
@@ -340,7 +341,7 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 30.0, idle_s: floa
 def group_offsets(bootstrap: str, group: str, topic: str, timeout_s: float = 10.0) -> dict[int, int]:
     """Partition -> committed offset of ``group`` (-1 where nothing is committed)."""
     parts = _partitions(bootstrap, topic, timeout_s)
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    c = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}))
     try:
         committed = c.committed([TopicPartition(topic, p) for p in parts], timeout=timeout_s)
     finally:

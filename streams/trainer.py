@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from core.errors import AdstreamError, ConfigError
+from core.logs import setup_logging, verbosity_from_env
 from core.settings import Settings, TrainerSettings, load_settings
 from streams.broker import resolve_bootstrap
 from streams.model_worker import ModelWorker, WorkerConfig
@@ -260,27 +261,11 @@ def settings_for(args: argparse.Namespace, settings: Settings) -> Settings:
     return settings.model_copy(update={"trainer": tr})
 
 
-class _DropLibraryInfo(logging.Filter):
-    """fbgemm logs every embedding-table construction at INFO on the root logger (dozens of lines
-    per model load); keep its warnings, drop the rest."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == "root" and record.levelno < logging.WARNING and "fbgemm" in record.pathname)
-
-
-def quiet_library_logs() -> None:
-    """Install :class:`_DropLibraryInfo` on the root handlers (command-line edges call this)."""
-    for h in logging.getLogger().handlers:
-        if not any(isinstance(f, _DropLibraryInfo) for f in h.filters):
-            h.addFilter(_DropLibraryInfo())
-
-
 def run_from_args(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
     import warnings
 
-    quiet_library_logs()
     warnings.filterwarnings("ignore", message="Sparse invariant checks")  # torch, once per process
     settings = settings_for(args, settings)
     stop = threading.Event()
@@ -304,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bootstrap", metavar="HOST:PORT", help="Kafka bootstrap servers")
     add_arguments(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(verbosity_from_env())
     try:
         over = {"kafka": {"bootstrap": args.bootstrap}} if args.bootstrap else {}
         return run_from_args(args, load_settings(args.config, **over))

@@ -77,6 +77,9 @@ def arrow_schema(entity_type: str, half_lives: list[float]):
 
 def build_definitions(repo_dir: Path, half_lives: list[float]) -> list[Any]:
     """Entities, push sources and feature views for every entity type."""
+    from features import feast_ready
+
+    feast_ready()
     from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
     from feast.types import Float64, Int64
 
