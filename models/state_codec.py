@@ -28,6 +28,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 TAG = "__adstream__"
+_PLAIN = {str, int, float, bool, type(None)}
 FORMAT = 1
 
 
@@ -39,25 +40,55 @@ class StateFormatError(ValueError):
 class _Encoder:
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
-        self._storages: set[tuple[int, int]] = set()
+        self._pending: list[tuple[dict[str, Any], torch.Tensor, str]] = []  # (JSON node, tensor, path)
 
-    def tensor(self, t: torch.Tensor, path: str) -> str:
+    def tensor(self, t: torch.Tensor, path: str) -> dict[str, Any]:
         if t.is_sparse or t.layout != torch.strided:
             raise StateFormatError(f"{path}: sparse tensors cannot be stored (densify them first)")
         t = t.detach()
         if t.device.type != "cpu":
             t = t.cpu()
-        if not t.is_contiguous():
-            t = t.contiguous()
-        if t.numel():
-            st = t.untyped_storage()
-            key = (st.data_ptr(), st.nbytes())
-            if key in self._storages:  # a view of a storage already stored: safetensors needs its own copy
-                t = t.clone()
+        node: dict[str, Any] = {TAG: "tensor"}
+        self._pending.append((node, t, path))
+        return node
+
+    def finish(self) -> None:
+        """Name every tensor. Tensors that share one storage (the fused embedding tables are views of
+        one buffer) are stored once, as that buffer, and rebuilt as views: no copy per table."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (_node, t, _path) in enumerate(self._pending):
+            if t.numel():
+                st = t.untyped_storage()
+                groups.setdefault((st.data_ptr(), st.nbytes()), []).append(i)
+        in_group = {i: key for key, ids in groups.items() for i in ids}
+        bases: dict[tuple[int, int], str | None] = {}
+        for i, (node, t, _path) in enumerate(self._pending):
+            key = in_group.get(i)
+            ids = groups.get(key, []) if key is not None else []
+            whole = t.is_contiguous() and t.storage_offset() == 0 and t.numel() * t.element_size() == (key or (0, 0))[1]
+            if key is None or (len(ids) == 1 and whole):
+                name = f"t{len(self.tensors)}"
+                self.tensors[name] = t if t.is_contiguous() else t.contiguous()
+                node["k"] = name
+                continue
+            if key not in bases:
+                bases[key] = self._base(t, [self._pending[j][1] for j in ids])
+            base = bases[key]
+            if base is None:  # mixed dtypes over one storage: each its own copy
+                name = f"t{len(self.tensors)}"
+                self.tensors[name] = t.contiguous().clone()
+                node["k"] = name
             else:
-                self._storages.add(key)
-        name = f"t{len(self.tensors)}"
-        self.tensors[name] = t
+                node.update({TAG: "view", "s": base, "offset": int(t.storage_offset()), "shape": list(t.shape),
+                             "stride": list(t.stride())})
+
+    def _base(self, t: torch.Tensor, members: list[torch.Tensor]) -> str | None:
+        st = t.untyped_storage()
+        if any(m.dtype != t.dtype for m in members) or st.nbytes() % t.element_size():
+            return None
+        flat = torch.empty(0, dtype=t.dtype).set_(st, 0, (st.nbytes() // t.element_size(),))
+        name = f"s{len(self.tensors)}"
+        self.tensors[name] = flat
         return name
 
     def enc(self, x: Any, path: str) -> Any:
@@ -70,7 +101,7 @@ class _Encoder:
         if isinstance(x, float):
             return float(x)
         if isinstance(x, torch.Tensor):
-            return {TAG: "tensor", "k": self.tensor(x, path)}
+            return self.tensor(x, path)
         if isinstance(x, np.ndarray):
             return self.array(x, path)
         if isinstance(x, torch.Size):
@@ -78,6 +109,10 @@ class _Encoder:
         if isinstance(x, tuple):
             return {TAG: "tuple", "items": [self.enc(v, f"{path}[{i}]") for i, v in enumerate(x)]}
         if isinstance(x, list):
+            if all(type(v) in _PLAIN for v in x):  # id lists, free-row lists: no walk per element
+                return list(x)
+            if all(type(v) is tuple and all(type(e) in _PLAIN for e in v) for v in x):  # (key, row) pairs
+                return {TAG: "tuples", "items": [list(v) for v in x]}
             return [self.enc(v, f"{path}[{i}]") for i, v in enumerate(x)]
         if isinstance(x, dict):
             if all(type(k) is str for k in x) and TAG not in x:
@@ -99,7 +134,9 @@ class _Encoder:
             except TypeError:
                 t = None
             if t is not None:
-                return {TAG: "ndarray", "k": self.tensor(t, path), "dtype": a.dtype.str}
+                node = self.tensor(t, path)
+                node.update({"numpy": a.dtype.str})
+                return node
         if a.dtype.kind in "USO":
             flat = a.reshape(-1).tolist()
             return {TAG: "ndarray_list", "dtype": a.dtype.str, "shape": list(a.shape),
@@ -111,6 +148,7 @@ def encode_state(state: Any) -> tuple[bytes, bytes]:
     """``(safetensors bytes, JSON bytes)`` of ``state`` (see the module docstring)."""
     e = _Encoder()
     tree = e.enc(state, "")
+    e.finish()
     doc = {"format": FORMAT, "tree": tree}
     return st_save(e.tensors, metadata={"adstream_state_format": str(FORMAT)}), json.dumps(doc).encode()
 
@@ -125,11 +163,23 @@ def _decoder(tensors: dict[str, torch.Tensor]):
         tag = d.get(TAG)
         if tag is None:
             return d
-        if tag == "tensor":
-            return ref(d.get("k"))
-        if tag == "ndarray":
-            arr = ref(d.get("k")).numpy()
-            return arr.astype(np.dtype(str(d["dtype"])), copy=False)
+        if tag in ("tensor", "view"):
+            if tag == "tensor":
+                t = ref(d.get("k"))
+            else:
+                base = ref(d.get("s"))
+                if base.dim() != 1:
+                    raise StateFormatError("a view's base must be one-dimensional")
+                try:  # as_strided checks the view lies inside the base
+                    t = torch.as_strided(base, [int(x) for x in d["shape"]], [int(x) for x in d["stride"]],
+                                         int(d["offset"]))
+                except RuntimeError as e:
+                    raise StateFormatError(f"invalid view: {e}") from None
+            if "numpy" in d:
+                return t.numpy().astype(np.dtype(str(d["numpy"])), copy=False)
+            return t
+        if tag == "ndarray":  # written before views existed
+            return ref(d.get("k")).numpy().astype(np.dtype(str(d["dtype"])), copy=False)
         if tag == "ndarray_list":
             dt = np.dtype(str(d["dtype"]))
             if dt.kind not in "USO":
@@ -148,6 +198,8 @@ def _decoder(tensors: dict[str, torch.Tensor]):
             return dt.type(d["v"])
         if tag == "tuple":
             return tuple(d["items"])
+        if tag == "tuples":
+            return [tuple(v) for v in d["items"]]
         if tag == "size":
             return torch.Size(int(v) for v in d["items"])
         if tag == "dict":

@@ -96,7 +96,9 @@ def test_a_version_crafted_to_run_code_is_refused(tmp_path):
 def test_state_codec_round_trips_every_plain_type(tmp_path):
     import numpy as np
 
-    from models.state_codec import decode_state, encode_state, states_equal
+    import json
+
+    from models.state_codec import StateFormatError, decode_state, encode_state, states_equal
 
     base = torch.arange(12, dtype=torch.float32)
     state = {
@@ -118,6 +120,17 @@ def test_state_codec_round_trips_every_plain_type(tmp_path):
     assert isinstance(back["np"], np.ndarray) and back["np"].dtype == np.float64
     assert list(back["intkeys"]) == [0, 7] and back["tagged"] == {"__adstream__": "tensor"}
     assert not states_equal(back, {**state, "t": state["t"] + 1})  # the comparison can fail
+    # views of one buffer (the fused embedding tables) are stored once, as that buffer
+    from safetensors.torch import load as st_load
+
+    stored = st_load(w)
+    assert sum(v.numel() for v in stored.values()) < 12 + 12 + 12 + 5 + 2 + 2 + 6 + 2 + 2 + 12
+    assert back["view_a"].untyped_storage().data_ptr() == back["view_b"].untyped_storage().data_ptr()
+    # a view that reaches outside its buffer is refused, not read
+    doc = json.loads(t)
+    doc["tree"]["view_b"]["offset"] = 10
+    with pytest.raises(StateFormatError, match="invalid view"):
+        decode_state(w, json.dumps(doc).encode())
 
 
 STRATEGY_VARIANTS = [
@@ -161,6 +174,11 @@ def test_every_ctr_strategy_round_trips_through_the_registry(tmp_path, strategy,
     assert twin.validate_state() == []
     assert states_equal(twin.state_dict(), state)
     np.testing.assert_array_equal(twin.predict(raw), learner.predict(raw))
+    # state_dict() is a snapshot: training on shares nothing with it (it is copied once, not twice)
+    learner.train_window(iter_batches(raw_from_frame(df.iloc[:300], cols.categorical, cols.numeric, "clicked",
+                                                     "event_time"), 128))
+    assert states_equal(state, loaded)
+    assert not states_equal(learner.state_dict(), state)
 
 
 def test_a_read_only_registry_says_so(tmp_path, monkeypatch):

@@ -370,18 +370,23 @@ class CTRLearner:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: weights, all optimizer states, mappers, priors, chain.
 
-        A snapshot: it shares no tensor with the live learner.
+        A snapshot: it shares no tensor or array with the live learner. Every value is copied once:
+        the tensors by one ``deepcopy`` (views of one buffer, such as the fused tables, stay views of
+        one copied buffer); mappers, standardiser and priors copy themselves in their ``state_dict``.
         """
-        state = {
-            "config": self.config.to_dict(),
+        live = copy.deepcopy({
             "net": self.net.state_dict(),
-            "emb_opt": [[s.detach().clone() for s in st] for st in self._emb_states()],
+            "emb_opt": [[s.detach() for s in st] for st in self._emb_states()],
             "dense_opt": self.dense_opt.state_dict(),
             "fp_opt": self.fp_opt.state_dict() if self.fp_opt is not None else None,
+            "chain": [m.state_dict() for m in self.chain],
+        })
+        return {
+            "config": self.config.to_dict(),
+            **live,
             "mappers": [m.state_dict() for m in self.mappers],
             "standardizer": self.standardizer.state_dict(),
             "beta": [t.state_dict() for t in self.beta] if self.beta is not None else None,
-            "chain": [m.state_dict() for m in self.chain],
             "rng": self._gen.get_state(),
             "meta": {
                 "windows_trained": self.windows_trained,
@@ -390,7 +395,6 @@ class CTRLearner:
                 "prior_max_index": self.prior_max_index,
             },
         }
-        return copy.deepcopy(state)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores a ``state_dict()`` taken from a learner with the same configuration."""
