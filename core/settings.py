@@ -57,6 +57,18 @@ class JoinSettings(BaseModel):
     allowed_lateness_s: float = Field(60.0, ge=0)  # how far behind the watermark a record may arrive
     max_pending: int = 2_000_000  # safety bound on open impressions per worker
 
+    def delay_note(self) -> str:
+        """What the window means for when examples appear (the joiner and the trainer log it at start)."""
+        w, late = self.attribution_window_s, self.allowed_lateness_s
+        return (f"attribution window {w:g}s + allowed lateness {late:g}s: an impression becomes an example "
+                f"once event time has moved {w + late:g}s past it, so live traffic gives its first examples "
+                f"after about {_duration(w + late)} (set join.attribution_window_s / join.allowed_lateness_s, "
+                f"or --window / --lateness)")
+
+
+def _duration(s: float) -> str:
+    return f"{s / 60:.0f} min" if s >= 120 else f"{s:.0f} s"
+
 
 class FeatureSettings(BaseModel):
     repo_dir: Path = Path(".adstream/feature_repo")

@@ -14,6 +14,7 @@ app with uvicorn in a background thread (tests, demo, benchmarks).
 import hmac
 import logging
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -22,10 +23,13 @@ from typing import Any, Callable, Literal, Sequence
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      field_validator)
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from typing_extensions import Annotated
 
 from core.ports import EventSink
@@ -42,6 +46,17 @@ API_VERSION = "1"
 FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 ContextValue = StrictStr | StrictInt | FiniteFloat | StrictBool | None
 _ID = r"^[A-Za-z0-9_.:@/\-]+$"
+# a query needs a word: at least one letter or digit, in any script ("!!!", "___" and "   " are refused)
+QUERY_WORD = r"[^\W_]"
+_QUERY_WORD = re.compile(QUERY_WORD)
+
+
+def _whole_number(v: Any) -> Any:
+    """JSON Schema's integer: 3 and 3.0 are the same number (2.5, "3" and true are not integers)."""
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        return int(v)
+    return v
+
 
 
 def request_model(settings: ServeSettings) -> type[BaseModel]:
@@ -56,8 +71,9 @@ def request_model(settings: ServeSettings) -> type[BaseModel]:
         request_id: Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=_ID)] | None = Field(
             None, description="Caller's id for the page (a new one is made when absent); clicks refer to it")
         user_id: Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=_ID)]
-        query: Annotated[StrictStr, Field(min_length=1, max_length=512)]
-        slots: Annotated[StrictInt, Field(ge=1, le=settings.max_slots)] = Field(
+        query: Annotated[StrictStr, Field(min_length=1, max_length=512, json_schema_extra={"pattern": QUERY_WORD})] \
+            = Field(description="The search query; it needs at least one letter or digit")
+        slots: Annotated[StrictInt, Field(ge=1, le=settings.max_slots), BeforeValidator(_whole_number)] = Field(
             description="How many ads to return (at most this many; fewer when fewer candidates match)")
         domain: DomainT | None = Field(None, description=f"Traffic domain; default {domains[0]!r}")  # type: ignore[valid-type]
         context: dict[Annotated[StrictStr, Field(max_length=64)], ContextValue] | None = Field(
@@ -66,9 +82,9 @@ def request_model(settings: ServeSettings) -> type[BaseModel]:
 
         @field_validator("query")
         @classmethod
-        def _not_blank(cls, v: str) -> str:
-            if not v.split():
-                raise ValueError("query must contain at least one word")
+        def _has_a_word(cls, v: str) -> str:
+            if not _QUERY_WORD.search(v):
+                raise ValueError("query must contain at least one word (a letter or a digit)")
             return v
 
     return AdRequest
@@ -213,6 +229,20 @@ def create_app(
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
         return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # FastAPI answers 400 "There was an error parsing the body" when the body is not UTF-8 or
+        # json.loads fails with something else than a JSONDecodeError (an integer of 5,000 digits):
+        # malformed input, so 422 like every other malformed body (docs/online.md)
+        cause = exc.__cause__
+        if exc.status_code == 400 and cause is not None:
+            metrics.requests.labels("invalid").inc()
+            msg = ("body is not valid UTF-8" if isinstance(cause, UnicodeDecodeError)
+                   else f"body is not valid JSON: {str(cause)[:200]}")
+            return JSONResponse({"detail": [{"loc": ["body"], "msg": msg, "type": "json_invalid"}]},
+                                status_code=422)
+        return await http_exception_handler(request, exc)
+
     @app.exception_handler(Exception)
     async def _error(request: Request, exc: Exception):
         metrics.requests.labels("error").inc()
@@ -231,19 +261,23 @@ def create_app(
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: model loader checked the registry, feature store loaded",
-             responses={503: {"description": "not ready"}})
+    @app.get("/readyz", summary="Readiness: registry checked, feature store configured, ads in the index",
+             responses={503: {"description": "not ready; `why` says what is missing"}})
     def readyz() -> JSONResponse:
         m = loader.current
-        checks = {"model_loader": loader.checked.is_set(), "feature_store": feature_store is not None}
+        n_ads = len(index)
+        checks = {"model_loader": loader.checked.is_set(), "feature_store": feature_store is not None,
+                  "ads": n_ads > 0}
         for fn in ready_checks:
             name, ok = fn()
             checks[name] = bool(ok)
         ready = all(checks.values())
-        body = {"ready": ready, "checks": checks,
+        why = [NOT_READY[k] for k, ok in checks.items() if not ok and k in NOT_READY]
+        why += [f"{k}: not ready" for k, ok in checks.items() if not ok and k not in NOT_READY]
+        body = {"ready": ready, "checks": checks, "why": why,
                 "model": {"name": loader.name, "version": m.version if m else None,
                           "last_error": loader.last_error},
-                "feature_store_healthy": service.features.healthy, "index_ads": len(index)}
+                "feature_store_healthy": service.features.healthy, "index_ads": n_ads}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
@@ -309,6 +343,16 @@ def create_app(
         return {"model": name, "version": version, "serving": served.version if served else None}
 
     return app
+
+
+# what a failed readiness check means, for the operator reading /readyz
+NOT_READY = {
+    "model_loader": "the model loader has not looked at the registry yet",
+    "feature_store": "no feature store is configured (serve without --no-features)",
+    "ads": "no ads to serve: the index is empty. The bidword-inventory topic holds no ads yet (replay with "
+           "--initial-inventory, or start the service with --world-seed N --initial-inventory world)",
+    "inventory": "the inventory feed has not read the bidword-inventory topic to its end yet",
+}
 
 
 def _version_number(version: str) -> int:

@@ -293,6 +293,7 @@ def run_worker(
     """Run a joiner worker until stopped (SIGTERM/SIGINT). Blocks. ``runtime``: ``faust`` (the
     faust-streaming agent) or ``kafka`` (a confluent-kafka loop, :mod:`streams.joiner_kafka`)."""
     metrics = WorkerMetrics(f"joiner-{os.getpid()}")
+    log.info("joiner: %s", settings.join.delay_note())
     if metrics_port is not None:
         metrics.serve(metrics_port, settings.metrics.host)
         log.info("metrics on http://%s:%d/metrics", settings.metrics.host, metrics_port)

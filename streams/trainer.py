@@ -268,6 +268,9 @@ def run_from_args(args: argparse.Namespace, settings: Settings) -> int:
 
     warnings.filterwarnings("ignore", message="Sparse invariant checks")  # torch, once per process
     settings = settings_for(args, settings)
+    log.info("trainer: examples come from the joiner (join settings as configured here: %s); a window closes "
+             "after %s", settings.join.delay_note(), f"{settings.trainer.window_seconds:g}s of event time"
+             if settings.trainer.window_seconds else f"{settings.trainer.window_examples} examples")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

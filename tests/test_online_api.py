@@ -136,7 +136,8 @@ def test_health_ready_metrics(app_client):
     c, _, _ = app_client
     assert c.get("/healthz").json() == {"status": "ok"}
     r = c.get("/readyz")
-    assert r.status_code == 503 and r.json()["checks"] == {"model_loader": True, "feature_store": False}
+    assert r.status_code == 503 and r.json()["checks"] == {"model_loader": True, "feature_store": False, "ads": True}
+    assert r.json()["why"] == ["no feature store is configured (serve without --no-features)"]
     c.post("/v1/ads", json=body())
     c.post("/v1/ads", json=body(slots=0))
     text = c.get("/metrics").text
