@@ -453,3 +453,16 @@ class ModelWorker:
                                     else dict(self.gate.serving_versions)),
                 "pending_examples": len(self.buffer), "offsets": dict(self.offsets),
                 "checkpoint_pending": self._pending_checkpoint}
+
+
+def run_worker(worker: ModelWorker, stop_event: threading.Event | None = None, metrics_port: int | None = None,
+               host: str = "127.0.0.1") -> dict[str, Any]:
+    """Run ``worker`` in this thread with ``/metrics`` on ``host:metrics_port`` (None or 0 = none);
+    returns its summary. (Torch threads are the model's business: set them before, e.g.
+    ``torch.set_num_threads(1)``.)"""
+    server = worker.metrics.serve(metrics_port, host=host) if metrics_port else None
+    try:
+        return worker.run(stop_event)
+    finally:
+        if server is not None:
+            server.shutdown()

@@ -22,7 +22,7 @@ from core.errors import AdstreamError, ConfigError
 from core.logs import setup_logging, verbosity_from_env
 from core.settings import Settings, TrainerSettings, load_settings
 from streams.broker import resolve_bootstrap
-from streams.model_worker import ModelWorker, WorkerConfig
+from streams.model_worker import ModelWorker, WorkerConfig, run_worker
 from streams.worker_metrics import ModelWorkerMetrics
 
 if TYPE_CHECKING:
@@ -192,14 +192,9 @@ def run_trainer(settings: Settings, stop_event: threading.Event | None = None,
     import torch
 
     torch.set_num_threads(threads or settings.trainer.threads)
-    metrics = metrics or TrainerMetrics()
     port = settings.metrics.trainer_port if metrics_port == -1 else metrics_port
-    server = metrics.serve(port, host=settings.metrics.host) if port else None
-    try:
-        return StreamTrainer(settings, metrics=metrics, **kw).run(stop_event)
-    finally:
-        if server is not None:
-            server.shutdown()
+    worker = StreamTrainer(settings, metrics=metrics or TrainerMetrics(), **kw)
+    return run_worker(worker, stop_event, port, host=settings.metrics.host)
 
 
 # --------------------------------------------------------------------------- command line
