@@ -104,3 +104,32 @@ def test_protocol_and_hooks():
     assert gate_of(m) is Mean.gate
     with pytest.raises(TypeError, match="declares no `gate`"):
         gate_of(p)
+
+
+def test_the_plug_in_example_of_the_architecture_doc_works(tmp_path):
+    """docs/architecture.md's TopShare example is a working StreamModel: published through the
+    registry and served by the generic loader (the worker part runs in tests/test_model_worker.py)."""
+    import re
+    from pathlib import Path
+
+    from models.registry import ModelRegistry
+    from online.models import ModelLoader, predict_or_baseline
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    block = re.search(r"```python\n(from models\.stream_model import.*?)\n# stream:", doc, re.S)
+    assert block, "the plug-in example moved; update this test"
+    ns: dict = {}
+    exec(block.group(1), ns)  # noqa: S102 - our own documentation
+    TopShare = ns["TopShare"]
+    m = TopShare()
+    assert isinstance(m, StreamModel)
+    recs = [{"position": i % 4} for i in range(100)]
+    m.learn(recs)
+    assert m.p == 0.25 and m.score(recs)["brier"] == pytest.approx(0.1875)
+    assert gate_of(m).decide(m.score(recs), TopShare(0.9).score(recs))[0]
+    ModelRegistry(tmp_path, m.name).publish(m.state())
+    loaded = ModelLoader(tmp_path, m.name, build=TopShare.from_state).refresh()
+    degraded: list[str] = []
+    assert predict_or_baseline(loaded, [1, 2], lambda xs: [0.0] * len(xs), m.name, degraded) == ([0.25, 0.25],
+                                                                                                  "v000001")
+    assert degraded == []
