@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("adstream.cmd_train", "train the CTR model on the examples topic, window by window, with a gated registry"),
     "models": ("adstream.cmd_train", "list the model registry's versions, roll back, or promote a version"),
     "evaluate-ctr": ("adstream.cmd_evaluate", "offline incremental CTR evaluation (DDP vs baselines) on a CSV/Parquet file"),
+    "evaluate-creative": ("adstream.cmd_evaluate_creative", "offline creative ranking (NSCTR): logged, Beta prior, CR and JAC's CR+ on a CSV/Parquet file"),
     "train-dist": ("adstream.cmd_train_dist", "incremental CTR training/evaluation under TorchRec DistributedModelParallel (N processes)"),
     "serve": ("adstream.cmd_serve", "run the online ad service (POST /v1/ads)"),
     "simulate-traffic": ("adstream.cmd_simulate", "send ad requests from the synthetic world's users and produce their clicks"),

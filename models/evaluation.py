@@ -272,22 +272,25 @@ def load_frame(path: str | Path, cols: Columns) -> pd.DataFrame:
     Raises ConfigError for a missing/unreadable file or missing columns. Rows with a missing time
     or label are dropped (logged); the time column becomes float (datetimes -> epoch seconds).
     """
+    return prepare_frame(read_table(path), cols)
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A CSV/TSV or Parquet file as a DataFrame; ConfigError for a missing, unreadable or unknown file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"data file not found: {p}")
     suffix = p.suffix.lower()
     try:
         if suffix in (".parquet", ".pq"):
-            df = pd.read_parquet(p)
-        elif suffix in (".csv", ".gz", ".txt", ".tsv"):
-            df = pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",", low_memory=False)
-        else:
-            raise ConfigError(f"unsupported data file type {suffix!r}: use .csv or .parquet")
+            return pd.read_parquet(p)
+        if suffix in (".csv", ".gz", ".txt", ".tsv"):
+            return pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",", low_memory=False)
+        raise ConfigError(f"unsupported data file type {suffix!r}: use .csv or .parquet")
     except ConfigError:
         raise
     except Exception as e:  # pandas raises many different types for unreadable files
         raise ConfigError(f"cannot read {p}: {e}") from e
-    return prepare_frame(df, cols)
 
 
 def prepare_frame(df: pd.DataFrame, cols: Columns) -> pd.DataFrame:
@@ -302,7 +305,7 @@ def prepare_frame(df: pd.DataFrame, cols: Columns) -> pd.DataFrame:
     if overlap:
         raise ConfigError(f"column(s) {sorted(overlap)} given in more than one role")
     df = df.copy()
-    df[cols.time] = _time_to_float(df[cols.time], cols.time)
+    df[cols.time] = time_to_float(df[cols.time], cols.time)
     df[cols.label] = pd.to_numeric(df[cols.label], errors="coerce")
     bad = df[cols.time].isna() | df[cols.label].isna()
     if bad.any():
@@ -313,7 +316,8 @@ def prepare_frame(df: pd.DataFrame, cols: Columns) -> pd.DataFrame:
     return df.sort_values(cols.time, kind="mergesort").reset_index(drop=True)
 
 
-def _time_to_float(s: pd.Series, name: str) -> pd.Series:
+def time_to_float(s: pd.Series, name: str) -> pd.Series:
+    """A time column as float epoch seconds (numbers kept as they are; dates parsed, naive = UTC)."""
     if pd.api.types.is_datetime64_any_dtype(s):
         return (s.astype("int64") / 1e9).astype(np.float64)
     num = pd.to_numeric(s, errors="coerce")
