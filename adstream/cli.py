@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "features": ("adstream.cmd_features", "Feast feature store: apply, update, get, history"),
     "train": ("adstream.cmd_train", "train the CTR model on the examples topic, window by window, with a gated registry"),
     "models": ("adstream.cmd_train", "list the model registry's versions, roll back, or promote a version"),
+    "train-creative": ("adstream.cmd_train_creative", "train JAC (ad ranker AR+ and creative ranker CR+) on the examples topic, two gated registry names"),
     "evaluate-ctr": ("adstream.cmd_evaluate", "offline incremental CTR evaluation (DDP vs baselines) on a CSV/Parquet file"),
     "evaluate-creative": ("adstream.cmd_evaluate_creative", "offline creative ranking (NSCTR): logged, Beta prior, CR and JAC's CR+ on a CSV/Parquet file"),
     "train-dist": ("adstream.cmd_train_dist", "incremental CTR training/evaluation under TorchRec DistributedModelParallel (N processes)"),

@@ -131,6 +131,36 @@ class TrainerSettings(BaseModel):
     threads: int = Field(1, ge=1)
 
 
+class CreativeSettings(BaseModel):
+    """The JAC job (``adstream train-creative``: AR+ and CR+ trained jointly from the examples topic,
+    published as two registry names per window); owned by streams/creative_trainer.py
+    (docs/creative.md)."""
+
+    registry_dir: Path = Path(".adstream/registry")
+    checkpoint_dir: Path = Path(".adstream/creative_trainer")
+    ar_name: str = "jac-ar"  # AR+: serve it with serve.model_name
+    cr_name: str = "jac-cr"  # CR+: serve it with serve.creative_model
+    mode: str = Field("jac", pattern="^(jac|cr)$")  # cr = the creative ranker alone (no AR+, no pCTR input)
+    window_examples: int = Field(5000, ge=1)
+    window_seconds: float | None = Field(None, gt=0)
+    min_window: int = Field(200, ge=1)
+    batch_size: int = Field(512, ge=1)
+    ste: str = Field("copy", pattern="^(copy|interp|none)$")  # straight-through gradient from CR to AR
+    quant_r: float = Field(1000.0, gt=0)  # r of the pCTR quantiser (Eq. 5)
+    buckets: int = Field(64, ge=1)  # K
+    pctr_source: str = Field("cached", pattern="^(cached|ar|fixed)$")  # the ad pCTR CR+ sees when serving
+    cr_lr: float = Field(0.05, gt=0)
+    seed: int = 0
+    gate_nsctr_margin: float = Field(0.01, ge=0)
+    gate_auc_margin: float = Field(0.01, ge=0)
+    gate_logloss_margin: float = Field(0.01, ge=0)
+    joint: str = Field("all", pattern="^(all|each)$")  # publish AR+ and CR+ together, or each on its own
+    on_reject: str = Field("reset", pattern="^(reset|continue)$")
+    max_windows: int | None = Field(None, ge=1)
+    idle_exit_s: float | None = Field(None, gt=0)
+    threads: int = Field(1, ge=1)
+
+
 class ServeSettings(BaseModel):
     """The online service (``adstream serve``); owned by online/."""
 
@@ -149,6 +179,13 @@ class ServeSettings(BaseModel):
     ranking_position: int = Field(0, ge=0)  # position the ad ranker predicts at (position-normalised)
     default_ctr: float = Field(0.02, gt=0, lt=1)  # CTR used when neither model nor store knows better
     creative_prior_strength: float = Field(20.0, ge=0)  # Beta pseudo-impressions toward the ad's CTR
+    # the parallel creative ranker: a registry name (CR+, "jac-cr") or "" for the Beta ranker alone;
+    # the Beta ranker stays the fallback (``creative_model`` in ``degraded``) while the model is missing
+    creative_model: str = ""
+    # exploration of creatives: off | thompson (a draw from each creative's Beta posterior whose prior
+    # mean is the ranker's score) | ucb (posterior mean + creative_ucb_z posterior standard deviations)
+    creative_exploration: str = Field("off", pattern="^(off|thompson|ucb)$")
+    creative_ucb_z: float = Field(1.0, ge=0)
     # creative statistics: "request" = read with every request (one batched read with the ads);
     # "cache" = kept in memory, refreshed every creative_cache_refresh_s (the request reads only ads)
     creative_features: str = Field("cache", pattern="^(request|cache)$")
@@ -164,6 +201,7 @@ class MetricsSettings(BaseModel):
     joiner_port: int = 9101
     feature_updater_port: int = 9102
     trainer_port: int = 9103
+    creative_trainer_port: int = 9106
     serve_port: int = 8080
 
 
@@ -177,6 +215,7 @@ class Settings(BaseSettings):
     join: JoinSettings = JoinSettings()
     features: FeatureSettings = FeatureSettings()
     trainer: TrainerSettings = TrainerSettings()
+    creative: CreativeSettings = CreativeSettings()
     serve: ServeSettings = ServeSettings()
     metrics: MetricsSettings = MetricsSettings()
     state_dir: Path = Path(".adstream")
