@@ -1,6 +1,11 @@
 """Metric names and the helpers every worker uses to export them.
 
 Names live here so that the dashboard, the docker-compose Prometheus config and the code agree.
+Conventions (Prometheus): a count is a Counter (exported with ``_total``); labels never carry a
+process id or anything else that changes on a restart (``worker`` is the role: ``joiner``,
+``feature_updater``, ``trainer``; Prometheus adds ``instance``); a gauge is set whenever its value
+changes, not only at some later event. ``tests/test_metrics_endpoints.py`` runs ``promtool check
+metrics`` on every endpoint and compares label sets across a restart.
 """
 
 from __future__ import annotations
@@ -51,10 +56,32 @@ class WorkerMetrics:
             f"{NS}_features_written", "Feature rows pushed to the store", ["view"], registry=r
         )
         self.watermark = Gauge(
-            f"{NS}_watermark_seconds", "Event-time watermark", ["worker"], registry=r
+            f"{NS}_watermark_seconds", "Event-time watermark of a partition (epoch seconds)", ["worker", "partition"],
+            registry=r
         )
+
+    def export_watermarks(self, watermarks: dict[int, float]) -> None:
+        """Set the watermark gauge of every partition that has one (call it whenever the join advances)."""
+        for part, wm in watermarks.items():
+            if wm > -1e18:  # no event seen yet: no series rather than a 1970 watermark
+                self.watermark.labels(self.worker, str(part)).set(wm)
 
     def serve(self, port: int, host: str = "127.0.0.1"):
         """Expose ``/metrics`` on host:port (always loopback by default). Returns the server."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server
+
+
+class CounterFrom:
+    """A Counter child that follows a running total kept elsewhere (an index's change count, a
+    de-duplicator's evictions): ``update(total)`` adds what is new. A total that went down (the
+    owner was rebuilt) starts counting from there again."""
+
+    def __init__(self, child) -> None:
+        self.child = child
+        self.seen = 0.0
+
+    def update(self, total: float) -> None:
+        if total > self.seen:
+            self.child.inc(total - self.seen)
+        self.seen = total

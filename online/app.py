@@ -32,6 +32,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool,
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from typing_extensions import Annotated
 
+from core.metrics import CounterFrom
 from core.ports import EventSink
 from core.settings import ServeSettings
 from models.registry import RegistryError, RegistryReadOnly
@@ -221,6 +222,7 @@ def create_app(
     app.state.settings = settings
     app.state.close = close
     AdRequest = request_model(settings)
+    inventory_changes = CounterFrom(metrics.inventory_changes)
     bearer = HTTPBearer(auto_error=False)
 
     @app.exception_handler(RequestValidationError)
@@ -292,7 +294,7 @@ def create_app(
             metrics.impression_log_dropped.set(getattr(sink, "dropped", 0))
             metrics.impression_log_pending.set(getattr(sink, "pending", 0))
             metrics.impression_log_lag.set(getattr(sink, "last_latency_s", 0.0))
-        metrics.inventory_changes.set(index.changes_applied)
+        inventory_changes.update(index.changes_applied)
         metrics.index_ads.set(len(index))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

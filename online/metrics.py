@@ -47,7 +47,7 @@ class ServeMetrics:
         self.impression_log_lag = Gauge(
             f"{NS}_serve_impression_log_lag_seconds", "Latest delivery time of an impression record "
             "(handed to the sink -> acknowledged by the broker)", registry=r)
-        self.inventory_changes = Gauge(
+        self.inventory_changes = Counter(
             f"{NS}_serve_inventory_changes", "Bidword-inventory changes applied to the index", registry=r)
         self.index_ads = Gauge(f"{NS}_serve_index_ads", "Live ads in the index", registry=r)
 

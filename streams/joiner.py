@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import time
 from typing import Any
 
@@ -111,6 +110,7 @@ def build_app(
             return await dlq_topic.send(key=dead_letter_key(topic, d),
                                         value=dead_letter_record(topic, d.partition, d.offset, d.raw, d.error))
 
+        metrics.export_watermarks(state.watermarks())  # every time, not only when offsets are committed
         sent = await publish_outputs(state.out, send_example, send_dead)
         if sent is None:
             return  # kept in state.out and sent again next time; nothing committed meanwhile
@@ -118,8 +118,6 @@ def build_app(
         if generation != gen["n"]:
             return  # a rebalance rebuilt the state meanwhile: these offsets are not ours to commit
         await _commit(committable)
-        for part, wm in state.watermarks().items():
-            metrics.watermark.labels(f"{worker}-p{part}").set(wm if wm > -1e18 else 0)
 
     async def _commit(committable: dict[tuple[str, int], int]) -> None:
         from faust.types import TP
@@ -292,7 +290,7 @@ def run_worker(
 ) -> None:
     """Run a joiner worker until stopped (SIGTERM/SIGINT). Blocks. ``runtime``: ``faust`` (the
     faust-streaming agent) or ``kafka`` (a confluent-kafka loop, :mod:`streams.joiner_kafka`)."""
-    metrics = WorkerMetrics(f"joiner-{os.getpid()}")
+    metrics = WorkerMetrics("joiner")  # a role, never a process id (core/metrics.py)
     log.info("joiner: %s", settings.join.delay_note())
     if metrics_port is not None:
         metrics.serve(metrics_port, settings.metrics.host)

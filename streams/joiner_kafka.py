@@ -132,6 +132,7 @@ class KafkaJoiner:
                     self.state.advance()
                     self._lag()
                 self._publish()
+                self.metrics.export_watermarks(self.state.watermarks())  # every pass, not only on commits
                 self._commit()
         finally:
             self._publish()
@@ -180,8 +181,6 @@ class KafkaJoiner:
             return
         for tp in offsets:
             self.committed[(self.kind_of_topic[tp.topic], tp.partition)] = tp.offset
-        for part, wm in self.state.watermarks().items():
-            self.metrics.watermark.labels(f"{self.metrics.worker}-p{part}").set(wm if wm > -1e18 else 0)
 
     def _ask_ends(self) -> None:
         """Ask the broker for the end offset of every assigned input (not the cached value)."""

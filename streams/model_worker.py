@@ -367,7 +367,7 @@ class ModelWorker:
         m.train_seconds.labels(self.name).set(learn_s)
         m.newest_event_time[self.name] = self.newest_event_time
         m.dedup_keys.labels(self.name).set(len(self.dedup))
-        m.dedup_evicted_early.labels(self.name).set(self.dedup.evicted_early)
+        m.evicted_early(self.name, self.dedup.evicted_early)
         log.info("window %d: %d examples%s, %s, gate %s%s, train %.2fs", k, n, " (partial)" if partial else "",
                  self.gate.summary(rec), rec.get("gate"), f" -> {rec['version']}" if rec.get("version") else "",
                  learn_s)

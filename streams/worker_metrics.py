@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from prometheus_client import Counter, Gauge
 
-from core.metrics import NS, WorkerMetrics
+from core.metrics import NS, CounterFrom, WorkerMetrics
 
 NAMED_SCORES = ("auc", "logloss", "calibration")
 
@@ -51,11 +51,12 @@ class ModelWorkerMetrics:
                                        "At the latest publish: publish time minus the Kafka append time of the newest "
                                        "example in the published model", ["name"], registry=r)
         self.dedup_keys = Gauge(f"{p}_dedup_keys", "Example keys remembered for de-duplication", ["name"], registry=r)
-        self.dedup_evicted_early = Gauge(f"{p}_dedup_evicted_early", "Keys forgotten before the event-time horizon "
+        self.dedup_evicted_early = Counter(f"{p}_dedup_evicted_early", "Keys forgotten before the event-time horizon "
                                          "because of dedup_max_keys (a re-emitted example may train twice)",
                                          ["name"], registry=r)
         self.checkpoints_postponed = Counter(f"{p}_checkpoints_postponed", "Checkpoints postponed because dead "
                                              "letters were not acknowledged yet", ["name"], registry=r)
+        self._evicted: dict[str, CounterFrom] = {}
         self.newest_event_time: dict[str, float] = {}
         self.last_publish: dict[str, float] = {}
 
@@ -70,6 +71,14 @@ class ModelWorkerMetrics:
             for o in ("publish", "reject"):
                 self.gate_decisions.labels(n, o)
             self.since_publish.labels(n).set_function(lambda n=n: time.time() - self.last_publish.get(n, math.nan))
+
+    def evicted_early(self, name: str, total: int) -> None:
+        """The de-duplicator's running count of keys forgotten early (kept in the checkpoint), as a
+        counter: the series appears at its first update, at the restored total, so a restart reads
+        as neither a reset nor new evictions."""
+        if name not in self._evicted:
+            self._evicted[name] = CounterFrom(self.dedup_evicted_early.labels(name))
+        self._evicted[name].update(total)
 
     def set_scores(self, name: str, model: str, scores: Mapping[str, Any]) -> None:
         for k, v in scores.items():
