@@ -56,7 +56,8 @@ def _print_summary(summary: dict, wall: float, plot: Path | None, out_json: Path
     print(f"history replayed      : {sum(summary['history'].values())} events")
     print(f"traffic               : {tr['requests']} requests in {tr['seconds']:.0f}s "
           f"({_fmt(tr['requests_per_s'], '.1f')}/s), {tr['errors']} errors, "
-          f"{tr['impressions']} ads served, {tr['clicks']} clicks, {tr['conversions']} conversions")
+          f"{tr['impressions']} ads served, {tr['clicks']} clicks, {tr['conversions']} conversions "
+          f"({tr.get('clicks_delivered', '?')} delivered to Kafka, {tr.get('delivery_failures', '?')} failed)")
     print(f"latency (client)      : p50 {_fmt(tr['latency_p50_ms'], '.1f')} ms, "
           f"p90 {_fmt(tr['latency_p90_ms'], '.1f')} ms, p99 {_fmt(tr['latency_p99_ms'], '.1f')} ms")
     if buckets:

@@ -193,6 +193,22 @@ def _start_ticker(period_s: float = 1.0) -> None:
         _ticker.start()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (not the one at setup: tests and
+    tools swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 # Third-party loggers set to WARNING at verbosity 0 (on top of the handler filter, which does not see
 # records a library handles with handlers of its own).
 QUIET_LOGGERS = ("feast", "faust", "mode", "aiokafka", "kafka", "httpx", "httpcore", "uvicorn", "urllib3",
@@ -207,7 +223,7 @@ def setup_logging(verbosity: int = 0, stream: IO[str] | None = None, *, fmt: str
     for h in list(root.handlers):
         if getattr(h, _MARK, False):
             root.removeHandler(h)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     setattr(handler, _MARK, True)
     handler.setFormatter(logging.Formatter(fmt))
     if verbosity <= 0:

@@ -13,8 +13,14 @@ Event time is the wall clock (the service stamps impressions with the request's
 ``context.event_time``), so the workers' clock-skew checks hold.
 
 Everything measured comes back in a :class:`TrafficReport` (requests, errors, latency
-percentiles, served and clicked impressions, the true expected CTR of what was served, and the
-model versions seen, per time bucket), which the demo prints and plots.
+percentiles, served and clicked impressions, the true expected CTR of what was served, the model
+versions seen, per time bucket, and how many clicks and conversions reached Kafka or failed to),
+which the demo prints and plots.
+
+After the requests, the clicks still dated in the future are produced at their time
+(``wait_for_clicks``, at most ``max_wait_s``; what is left then is produced at once): users click
+1 s + Exp(click delay) after an ad is shown, conversions later still, so a 60 s run can wait a
+minute or two more. ``on_wait`` hears what is left while it waits.
 """
 
 from __future__ import annotations
@@ -86,6 +92,11 @@ class TrafficReport:
     buckets: list[Bucket] = field(default_factory=list)
     served: list[dict[str, Any]] = field(default_factory=list)  # (request_id, ad_id, clicked) per served ad
     seconds: float = 0.0
+    wait_seconds: float = 0.0  # after the requests: waiting for clicks dated in the future
+    produced: int = 0  # click and conversion records handed to the producer
+    delivered: int = 0  # ... acknowledged by the broker
+    delivery_failures: int = 0  # ... reported failed by the producer, or still undelivered at the end
+    delivery_error: str | None = None
 
     def summary(self) -> dict[str, Any]:
         lat = np.array(self.latencies_ms) if self.latencies_ms else np.array([math.nan])
@@ -105,6 +116,11 @@ class TrafficReport:
             "degraded": dict(self.degraded),
             "model_versions": dict(self.versions),
             "seconds": round(self.seconds, 1),
+            "wait_seconds": round(self.wait_seconds, 1),
+            "clicks_produced": self.produced,
+            "clicks_delivered": self.delivered,
+            "delivery_failures": self.delivery_failures,
+            "delivery_error": self.delivery_error,
             "buckets": [b.summary() for b in self.buckets],
         }
 
@@ -112,8 +128,10 @@ class TrafficReport:
 class _ClickScheduler:
     """Produces clicks and conversions when the wall clock reaches their event time."""
 
-    def __init__(self, bootstrap: str, topics: TopicNames) -> None:
-        self.producer = make_producer(bootstrap)
+    def __init__(self, bootstrap: str, topics: TopicNames, delivery_timeout_s: float = 30.0) -> None:
+        self.delivery_timeout_s = delivery_timeout_s
+        self.producer = make_producer(bootstrap, message_timeout_ms=int(delivery_timeout_s * 1000))
+        self.produced = 0
         self.topics = topics
         self._heap: list[tuple[float, int, str, str, bytes]] = []
         self._seq = 0
@@ -130,18 +148,44 @@ class _ClickScheduler:
         with self._lock:
             while self._heap and self._heap[0][0] <= now:
                 _, _, topic, key, value = heapq.heappop(self._heap)
-                produce_json(self.producer, topic, key, value)
+                produce_json(self.producer, topic, key, value, max_wait_s=self.delivery_timeout_s)
                 n += 1
+        self.produced += n
         return n
 
-    def close(self, wait: bool, timeout_s: float = 120.0) -> None:
-        """Produce what is left: at its time (``wait``) or now; then flush."""
-        deadline = time.monotonic() + timeout_s
+    def pending(self) -> tuple[int, float | None]:
+        """(records not produced yet, event time of the last one)."""
+        with self._lock:
+            return len(self._heap), (max(h[0] for h in self._heap) if self._heap else None)
+
+    def close(self, wait: bool, timeout_s: float = 120.0,
+              on_wait: Callable[[int, float], None] | None = None, every_s: float = 10.0) -> float:
+        """Produce what is left: at its time (``wait``, at most ``timeout_s``) or now; then flush.
+        ``on_wait(left, seconds until the last is due)`` is called when the wait starts and every
+        ``every_s``. Returns the seconds waited."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        said = -math.inf
         while wait and self._heap and time.monotonic() < deadline:
             self.due()
+            left, last = self.pending()
+            if on_wait is not None and left and time.monotonic() - said >= every_s:
+                said = time.monotonic()
+                on_wait(left, max(0.0, (last or 0.0) - time.time()))
             time.sleep(0.05)
+        waited = time.monotonic() - t0
         self.due(now=math.inf)
-        self.producer.flush(30)
+        self.producer.flush(self.delivery_timeout_s)
+        return waited
+
+    def delivery(self) -> tuple[int, int, str | None]:
+        """(delivered, failed or still undelivered, last error)."""
+        p = self.producer
+        err = p.last_error.str() if getattr(p, "last_error", None) is not None else None
+        undelivered = len(p)
+        if undelivered and err is None:
+            err = f"{undelivered} records not acknowledged within {self.delivery_timeout_s:g}s (is the broker up?)"
+        return p.delivered, p.errors + undelivered, err
 
 
 def simulate_traffic(
@@ -164,10 +208,13 @@ def simulate_traffic(
     stop: threading.Event | None = None,
     on_bucket: Callable[[Bucket], None] | None = None,
     timeout_s: float = 5.0,
+    max_wait_s: float = 120.0,
+    on_wait: Callable[[int, float], None] | None = None,
+    delivery_timeout_s: float = 30.0,
 ) -> TrafficReport:
     """Send requests at ``rate`` per second for ``duration_s`` seconds (or ``requests`` requests)
-    with ``concurrency`` connections; produce the sampled clicks. Never raises on a failed request:
-    it is counted (and a few messages kept) in the report."""
+    with ``concurrency`` connections; produce the sampled clicks. Never raises on a failed request
+    or a failed click delivery: both are counted (and a few messages kept) in the report."""
     import httpx
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
@@ -180,7 +227,7 @@ def simulate_traffic(
     rng = random.Random(seed)
     rlock = threading.Lock()
     report = TrafficReport()
-    clicks = _ClickScheduler(bootstrap, topics)
+    clicks = _ClickScheduler(bootstrap, topics, delivery_timeout_s)
     t_start = time.monotonic()
     stop = stop or threading.Event()
     client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s,
@@ -298,8 +345,13 @@ def simulate_traffic(
                 f.result()
     finally:
         report.seconds = time.monotonic() - t_start
-        clicks.close(wait=wait_for_clicks and not stop.is_set())
         client.close()
+        try:
+            report.wait_seconds = clicks.close(wait=wait_for_clicks and not stop.is_set(), timeout_s=max_wait_s,
+                                               on_wait=on_wait)
+        finally:
+            report.produced = clicks.produced
+            report.delivered, report.delivery_failures, report.delivery_error = clicks.delivery()
     if on_bucket is not None and report.buckets:
         on_bucket(report.buckets[-1])
     return report
