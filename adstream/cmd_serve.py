@@ -48,6 +48,8 @@ def register(subparsers) -> None:
                    help="topic: the index is built from the bidword-inventory topic alone (default); "
                         "world: also load the world's initial inventory in-process (needs --world-seed)")
     p.add_argument("--sequential", action="store_true", help="rank creatives after ads instead of in parallel")
+    p.add_argument("--creative-content", action="store_true",
+                   help="the --world-seed world's creatives carry content (the catalog gives CR+ its cr_* inputs)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -139,9 +141,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port {s.serve.port} is not a TCP port")
     world = None
     if args.world_seed is not None:
+        from core.creatives import CreativeContentConfig
         from core.world import World, WorldConfig
 
-        world = World(WorldConfig(seed=args.world_seed))
+        world = World(WorldConfig(seed=args.world_seed,
+                                  creative_content=CreativeContentConfig(enabled=args.creative_content)))
     bootstrap = None
     if not args.no_kafka:
         from streams.broker import resolve_bootstrap

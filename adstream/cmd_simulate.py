@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--click-delay", type=float, metavar="S",
                    help="mean click delay after the impression, seconds (default: the world's, 15)")
     p.add_argument("--no-conversions", action="store_true", help="produce clicks only")
+    p.add_argument("--creative-content", action="store_true",
+                   help="the world's creatives carry content (as `serve`/`replay synthetic --creative-content`)")
     p.add_argument("--seed", type=int, default=0, help="traffic random seed (default 0)")
     p.add_argument("--max-wait", type=float, default=120.0, metavar="S",
                    help="after the requests, wait at most S seconds for clicks dated in the future, then send "
@@ -52,7 +54,10 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     s = settings_from_args(args)
     bootstrap = resolve_bootstrap(s)
-    world = World(WorldConfig(seed=args.world_seed))
+    from core.creatives import CreativeContentConfig
+
+    world = World(WorldConfig(seed=args.world_seed,
+                              creative_content=CreativeContentConfig(enabled=args.creative_content)))
 
     total = f"{args.requests} requests" if args.requests else f"{args.duration:g}s"
     delay = args.click_delay if args.click_delay is not None else world.config.click_delay_mean_s

@@ -186,12 +186,20 @@ def create_app(
     if loader is None:
         loader = ModelLoader(registry_root or settings.registry_dir, settings.model_name, settings.model_poll_s)
     loader._on_swap = lambda old, new: metrics.model_swaps.labels(loader.name).inc()
+    kw = dict(service_kwargs or {})
+    if settings.creative_model and "creative_loader" not in kw:  # CR+ (docs/creative.md)
+        from models.creative.stream import CreativeRankerModel
+
+        kw["creative_loader"] = ModelLoader(registry_root or settings.registry_dir, settings.creative_model,
+                                            settings.model_poll_s, build=CreativeRankerModel.from_state)
+    creative_loader = kw.get("creative_loader")
     service = AdService(settings, index=index, feature_store=feature_store, loader=loader, sink=sink,
-                        impressions_topic=impressions_topic, metrics=metrics,
-                        keep_stage_log=keep_stage_log, **(service_kwargs or {}))
+                        impressions_topic=impressions_topic, metrics=metrics, keep_stage_log=keep_stage_log, **kw)
     if start_loader:
-        loader.refresh()  # a model that exists now is served from the first request
-        loader.start()
+        for ldr in (loader, creative_loader):
+            if ldr is not None:
+                ldr.refresh()  # a model that exists now is served from the first request
+                ldr.start()
 
     closed = threading.Event()
 
@@ -199,6 +207,8 @@ def create_app(
         if not closed.is_set():
             closed.set()
             loader.stop()
+            if creative_loader is not None:
+                creative_loader.stop()
             service.close()
 
     from contextlib import asynccontextmanager

@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 from core.events import BidwordChange
 
@@ -62,6 +62,7 @@ class AdIndex:
         self._lock = threading.Lock()
         self._ads: dict[str, _Ad] = {}
         self._catalog: dict[str, tuple[tuple[str, ...], str, str]] = {}  # ad -> (creatives, adv, cat)
+        self._content: dict[str, dict] = {}  # creative -> its content features (cr_*), when known
         self._word_ads: dict[str, dict[str, float]] = defaultdict(dict)  # bidword -> ad -> bid
         self._word_tokens: dict[str, frozenset[str]] = {}
         self._token_words: dict[str, set[str]] = defaultdict(set)
@@ -73,13 +74,16 @@ class AdIndex:
 
     # ---- writes -------------------------------------------------------------------------------
     def set_catalog(self, ad_id: str, creatives: Iterable[str], advertiser: str = "",
-                    category: str = "") -> None:
-        """Creatives (and advertiser) of an ad, live or not yet live."""
+                    category: str = "", content: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """Creatives (and advertiser) of an ad, live or not yet live; ``content``: creative id -> its
+        content features (``cr_*``: what the creative ranker scores a never-shown creative from)."""
         crs = tuple(creatives)
         if not crs:
             raise ValueError(f"ad {ad_id!r} needs at least one creative")
         with self._lock:
             self._catalog[ad_id] = (crs, advertiser, category)
+            for cr, feats in (content or {}).items():
+                self._content[cr] = dict(feats)
             ad = self._ads.get(ad_id)
             if ad is not None:
                 ad.creatives, ad.advertiser = crs, advertiser
@@ -141,6 +145,10 @@ class AdIndex:
     # ---- reads --------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._ads)
+
+    def creative_content(self, creative_id: str) -> dict:
+        """The content features of a creative ({} when unknown). Read without the lock: one dict get."""
+        return self._content.get(creative_id) or {}
 
     def live_creatives(self) -> list[str]:
         with self._lock:
@@ -249,7 +257,9 @@ def world_inventory(world, t: float | None = None) -> list[BidwordChange]:
 
 
 def load_world_catalog(index: AdIndex, world) -> int:
-    """Creatives, advertiser and category of every ad of ``world`` (new ads included)."""
+    """Creatives (with their content when the world has it), advertiser and category of every ad of
+    ``world`` (new ads included)."""
     for ad in world.ads:
-        index.set_catalog(ad.id, [c.id for c in ad.creatives], ad.advertiser, ad.category)
+        content = {c.id: world.creative_features(c) for c in ad.creatives if c.content is not None}
+        index.set_catalog(ad.id, [c.id for c in ad.creatives], ad.advertiser, ad.category, content or None)
     return len(world.ads)

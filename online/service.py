@@ -1,7 +1,8 @@
 """The ad-serving pipeline, independent of HTTP.
 
     query understanding -> candidates (index) -> ONE feature read (user + every ad x creative)
-    -> ad CTR ranker  ||  creative ranker   (Peri-CR: in parallel, neither waits for the other)
+    -> ad CTR ranker  ||  creative ranker   (Peri-CR: in parallel, neither waits for the other;
+                                             CR+ or the Beta ranker, online/creative.py)
     -> eCPM = pCTR x bid -> top slots, each with its best creative -> impression log (EventSink)
 
 Every dependency can fail without failing the request: the feature store (defaults, ``features``
@@ -25,6 +26,7 @@ from typing import Any, Callable
 from core.events import Impression
 from core.ports import EventSink
 from core.settings import ServeSettings
+from online.creative import CreativeChoice, CreativeStage
 from online.index import AdIndex, Candidate, CountsClassifier, IndexRewriter, QueryClassifier, QueryRewriter
 from online.metrics import ServeMetrics
 from online.models import BetaCreativeRanker, LoadedModel, ModelLoader, predict_or_baseline
@@ -181,6 +183,7 @@ class AdService:
         classifier: QueryClassifier | None = None,
         rewriter: QueryRewriter | None = None,
         creative_ranker: BetaCreativeRanker | None = None,
+        creative_loader: ModelLoader | None = None,
         clock: Callable[[], float] = time.time,
         keep_stage_log: int = 0,
     ) -> None:
@@ -195,6 +198,7 @@ class AdService:
         self.rewriter = rewriter or IndexRewriter(index)
         self.creative_ranker = creative_ranker or BetaCreativeRanker(settings.creative_prior_strength,
                                                                      settings.default_ctr)
+        self.creative = CreativeStage(settings, index, self.creative_ranker, creative_loader)
         self.clock = clock
         self.parallel = settings.parallel_ranking
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="creative-rank")
@@ -230,6 +234,9 @@ class AdService:
                          query_row: dict | None) -> dict[str, Any]:
         """The part of the served features that is the same for every candidate of a request."""
         base: dict[str, Any] = {"query_category": category or "", "query_len": len(req.query.split())}
+        for k, v in (req.context or {}).items():  # request context (the user's segment, ...) travels along
+            if k != "event_time" and k not in base:
+                base[k] = v
         self._entity_features("user", user_row, base)
         return self._entity_features("query", query_row, base)
 
@@ -259,13 +266,11 @@ class AdService:
         p, version = predict_or_baseline(model, examples, lambda _x: priors, "ctr_model", degraded)
         return Ranked([float(x) for x in p], "prior" if degraded else version, bool(degraded))
 
-    def rank_creatives(self, creative_rows: list[list[dict | None]], priors: list[float]) -> list[int]:
-        """Index of the best creative of every candidate (ties: the first)."""
-        best = []
-        for rows, prior in zip(creative_rows, priors):
-            scores = self.creative_ranker.score(rows, prior)
-            best.append(max(range(len(scores)), key=lambda i: (scores[i], -i)) if scores else 0)
-        return best
+    def rank_creatives(self, model: LoadedModel | None, rows_fn, cands: list[Candidate],
+                       creative_rows: list[list[dict | None]], priors: list[float], request_id: str,
+                       degraded: list[str]) -> CreativeChoice:
+        """The best creative of every candidate (ties: the first): CR+ or the Beta ranker."""
+        return self.creative.rank(model, rows_fn, cands, creative_rows, priors, request_id, degraded)
 
     # ---- the pipeline -------------------------------------------------------------------------
     def handle(self, req: AdRequestData, parallel: bool | None = None) -> dict[str, Any]:
@@ -337,27 +342,40 @@ class AdService:
 
         # 4. ad ranker || creative ranker
         model = self.loader.current if self.loader is not None else None  # read once: swap-safe
+        cr_model = self.creative.current()
         use_parallel = self.parallel if parallel is None else parallel
+        cr_degraded: list[str] = []
+
+        def rows_fn(ad_pctr=None):
+            return self.creative.rows(req.user_id, req.domain, base, cands, pos, event_time, ad_pctr)
+
         if cands:
-            if use_parallel:
-                fut = self._pool.submit(self._timed, self.rank_creatives, cr_rows, priors)
+            cr_args = (cr_model, rows_fn, cands, cr_rows, priors, request_id, cr_degraded)
+            if use_parallel and not self.creative.needs_ad_pctr(cr_model):
+                fut = self._pool.submit(self._timed, self.rank_creatives, *cr_args)
                 ranked, t_ad = self._timed(self.rank_ads, model, examples, priors)
-                best_cr, t_cr = fut.result()
+                choice, t_cr = fut.result()
                 with self._lock:
                     self.parallel_calls += 1
-            else:
+            else:  # sequential, or a CR+ that reads the ad ranker's pCTR of this request
                 ranked, t_ad = self._timed(self.rank_ads, model, examples, priors)
-                best_cr, t_cr = self._timed(self.rank_creatives, cr_rows, priors)
+                if self.creative.needs_ad_pctr(cr_model):
+                    cr_args = (cr_model, lambda: rows_fn(ranked.pctr), *cr_args[2:])
+                choice, t_cr = self._timed(self.rank_creatives, *cr_args)
             stages["ad_rank"], stages["creative_rank"] = t_ad, t_cr
         else:
-            ranked, best_cr = Ranked([], model.version if model else "prior", model is None), []
+            ranked = Ranked([], model.version if model else "prior", model is None)
+            choice = CreativeChoice([], self.creative.model_name or "beta",
+                                    cr_model.version if cr_model else self.creative_ranker.version, False)
+        degraded.extend(cr_degraded)
+        best_cr = choice.best
         t5 = time.perf_counter(); stages["rank"] = t5 - t4  # noqa: E702
         if ranked.degraded:
             degraded.append("ctr_model")
 
         # 5. eCPM = pCTR x bid, top slots with their best creative
         order = sorted(range(len(cands)), key=lambda j: (-ranked.pctr[j] * cands[j].bid, cands[j].ad_id))
-        versions = {"ctr": ranked.version, "creative": self.creative_ranker.version}
+        versions = {"ctr": ranked.version, **choice.versions(self.creative.exploration)}
         ads_out, imps = [], []
         for position, j in enumerate(order[: req.slots]):
             c = cands[j]
@@ -370,6 +388,7 @@ class AdService:
             served = self._entity_features("creative", cr_rows[j][cr_i] if cr_rows[j] else None,
                                            dict(ad_features[j]))
             served["pctr"] = pctr
+            served.update(self.index.creative_content(creative_id))  # the shown creative's content (cr_*)
             imps.append(Impression(
                 request_id=request_id, event_time=event_time, user_id=req.user_id, query=req.query,
                 ad_id=c.ad_id, creative_id=creative_id, bidword=c.bidword, category=c.category,

@@ -252,7 +252,8 @@ def simulate_traffic(
             delays = [1.0 + rng.expovariate(1.0 / delay_mean) if delay_mean > 0 else 1.0 for _ in range(slots)]
         rid = f"sim-{seed}-{req_no}-{uuid.uuid4().hex[:8]}"
         body = {"request_id": rid, "user_id": req.user_id, "query": req.query, "slots": slots,
-                "domain": req.domain, "context": {"event_time": t}}
+                "domain": req.domain,
+                "context": {"event_time": t, "segment": world.users[req.user_index].segment}}
         t0 = time.perf_counter()
         try:
             resp = client.post("/v1/ads", json=body)

@@ -1,0 +1,154 @@
+"""The parallel creative ranker of the ad service (Peri-CR): CR+ from the registry, or the Beta ranker.
+
+:class:`CreativeStage` picks one creative per candidate ad. It runs beside the ad ranker (a pool
+thread; ``online/service.py``) and never waits for it, except when the served CR+ was trained to
+read the ad ranker's pCTR of the request (``pctr_source = ar``: then the service ranks the ads
+first and hands their pCTRs over).
+
+- **Ranker**: ``serve.creative_model`` names a registry model (CR+, ``jac-cr``), served by the one
+  loader; its score is the click probability of each (context, ad, creative) row, so a creative never
+  shown is scored from its content (``cr_*`` from the catalog). Empty: the Beta ranker. A configured
+  model that is missing or fails gives the Beta ranker's scores and ``creative_model`` in
+  ``degraded``.
+- **Exploration** (``serve.creative_exploration``): ``thompson`` draws each creative's CTR from the
+  Beta posterior ``Beta(k·m + clicks, k·(1 − m) + impressions − clicks)`` whose prior mean ``m`` is
+  the ranker's score (CR+: its content-aware prediction; Beta ranker: the ad's CTR) and whose
+  strength is ``k = serve.creative_prior_strength``; ``ucb`` takes the posterior mean plus
+  ``creative_ucb_z`` posterior standard deviations. A new creative (no impressions) is uncertain, so
+  it is tried; one with many impressions is ranked by its record. The draws come from a generator
+  seeded by the request id: the same request ranks the same way, in parallel or in sequence.
+- **Logged**: ``model_versions`` gets ``creative`` (the version that chose: a registry version or
+  ``beta-v1``), ``creative_ranker`` (``beta`` or the registry name) and, when on,
+  ``creative_exploration``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import zlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from core.settings import ServeSettings
+from online.index import AdIndex, Candidate
+from online.models import BetaCreativeRanker, LoadedModel, ModelLoader, predict_or_baseline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CreativeChoice:
+    best: list[int]  # index of the chosen creative per candidate
+    ranker: str  # "beta" or the registry name of the model
+    version: str  # the version that chose ("beta-v1" for the Beta ranker)
+    degraded: bool  # a configured model was missing or failed: the Beta ranker chose
+
+    def versions(self, exploration: str) -> dict[str, str]:
+        out = {"creative": self.version, "creative_ranker": self.ranker}
+        if exploration != "off":
+            out["creative_exploration"] = exploration
+        return out
+
+
+def _stats(row: dict | None) -> tuple[float, float]:
+    row = row or {}
+    try:
+        imps = float(row.get("impressions") or 0.0)
+        clks = float(row.get("clicks") or 0.0)
+    except (TypeError, ValueError):
+        return 0.0, 0.0
+    if not (math.isfinite(imps) and math.isfinite(clks)) or imps < 0:
+        return 0.0, 0.0
+    return imps, min(max(clks, 0.0), imps)
+
+
+class CreativeStage:
+    """See the module docstring. ``loader`` serves ``settings.creative_model`` (None: Beta only)."""
+
+    def __init__(self, settings: ServeSettings, index: AdIndex, beta: BetaCreativeRanker,
+                 loader: ModelLoader | None = None) -> None:
+        self.settings = settings
+        self.index = index
+        self.beta = beta
+        self.loader = loader
+        self.exploration = settings.creative_exploration
+
+    @property
+    def model_name(self) -> str:
+        return self.loader.name if self.loader is not None else ""
+
+    def current(self) -> LoadedModel | None:
+        return self.loader.current if self.loader is not None else None
+
+    @staticmethod
+    def needs_ad_pctr(model: LoadedModel | None) -> bool:
+        """The served CR+ reads the ad ranker's pCTR of the request (it cannot run in parallel)."""
+        return model is not None and getattr(model.model, "pctr_source", "") == "ar"
+
+    def rows(self, user_id: str, domain: str, context: dict[str, Any], cands: Sequence[Candidate], position: int,
+             event_time: float, ad_pctr: Sequence[float] | None = None) -> list[dict[str, Any]]:
+        """One example-shaped row per (candidate ad, creative): the request's context (shared), the ad,
+        the creative and its content (from the catalog)."""
+        out = []
+        content = self.index.creative_content
+        for j, c in enumerate(cands):
+            shared = dict(context)
+            if c.advertiser:
+                shared["advertiser"] = c.advertiser
+            for cr in c.creatives:
+                row = {"user_id": user_id, "domain": domain, "position": position, "ad_id": c.ad_id,
+                       "category": c.category, "creative_id": cr, "event_time": event_time, "features": shared}
+                row.update(content(cr))
+                if ad_pctr is not None:
+                    row["ad_pctr"] = float(ad_pctr[j])
+                out.append(row)
+        return out
+
+    def rank(self, model: LoadedModel | None, rows_fn, cands: Sequence[Candidate],
+             creative_rows: list[list[dict | None]], priors: list[float], request_id: str,
+             degraded: list[str]) -> CreativeChoice:
+        """The chosen creative per candidate. ``rows_fn()`` builds the model's candidate rows (only
+        called when a model is served); ``creative_rows`` are the creatives' stream statistics."""
+        k = self.beta.strength
+        means: list[list[float]]
+        if self.loader is None:
+            ranker, version, bad = "beta", self.beta.version, False
+            means = [[p] * len(rows) for rows, p in zip(creative_rows, priors)]
+        else:
+            local: list[str] = []
+            flat, version = predict_or_baseline(model, rows_fn() if model is not None else None,
+                                                lambda _x: None, "creative_model", local)
+            if not local and len(flat) != sum(len(c.creatives) for c in cands):
+                log.warning("creative model %s returned %d scores for %d creatives: Beta ranker", version, len(flat),
+                            sum(len(c.creatives) for c in cands))
+                local.append("creative_model")
+            if local:
+                degraded.extend(local)
+                ranker, version, bad = "beta", self.beta.version, True
+                means = [[p] * len(rows) for rows, p in zip(creative_rows, priors)]
+            else:
+                ranker, bad = self.loader.name, False
+                means, i = [], 0
+                for c in cands:
+                    n = len(c.creatives)
+                    means.append([min(max(float(x), 1e-6), 1 - 1e-6) for x in flat[i:i + n]])
+                    i += n
+        model_scores = ranker != "beta"
+        rng = random.Random(zlib.crc32(request_id.encode())) if self.exploration == "thompson" else None
+        best = []
+        for ms, rows in zip(means, creative_rows):
+            scores = []
+            for m, row in zip(ms, rows or [None] * len(ms)):
+                imps, clks = _stats(row)
+                a, b = k * m + clks, k * (1 - m) + imps - clks
+                if self.exploration == "thompson":
+                    s = rng.betavariate(max(a, 1e-6), max(b, 1e-6))
+                elif self.exploration == "ucb":
+                    s = a / (a + b) + self.settings.creative_ucb_z * math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))
+                else:
+                    s = m if model_scores else (a / (a + b) if a + b > 0 else m)
+                scores.append(s)
+            best.append(max(range(len(scores)), key=lambda i: (scores[i], -i)) if scores else 0)
+        return CreativeChoice(best, ranker, version, bad)
