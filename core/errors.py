@@ -24,6 +24,8 @@ class InvalidRecord(AdstreamError):
         "orphan_click",
         "orphan_conversion",
         "late",
+        "duplicate_request_id",  # the joiner saw a (request, ad) key again with other content
+        "state_full",  # the joiner's state bound (join.max_pending) was reached
     )
 
     def __init__(self, reason: str, detail: str = "") -> None:

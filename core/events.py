@@ -288,8 +288,12 @@ EVENT_TYPES: dict[str, type[Event]] = {
 _FIELD_NAMES = {c: frozenset(f.name for f in fields(c)) for c in EVENT_TYPES.values()}
 
 
-def validate_dict(obj: Any, expected: type[Event] | None = None, now: float | None = None) -> Event:
-    """Validate a decoded JSON value and build its event. ``now`` enables the clock-skew check."""
+def validate_dict(obj: Any, expected: type[Event] | None = None, now: float | None = None,
+                  max_future_s: float = MAX_FUTURE_S) -> Event:
+    """Validate a decoded JSON value and build its event. ``now`` enables the clock-skew check:
+    ``event_time`` must lie in ``[now - MAX_PAST_S, now + max_future_s]``. Workers pass the
+    record's append timestamp as ``now``, so the check gives the same answer when the topic is read
+    again."""
     if not isinstance(obj, dict):
         raise InvalidRecord("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
     v = obj.get("v")
@@ -321,7 +325,7 @@ def validate_dict(obj: Any, expected: type[Event] | None = None, now: float | No
     et = kwargs["event_time"]
     if not math.isfinite(et):
         raise InvalidRecord("invalid_value", f"event_time={et!r} is not finite")
-    if now is not None and not (now - MAX_PAST_S <= et <= now + MAX_FUTURE_S):
+    if now is not None and not (now - MAX_PAST_S <= et <= now + max_future_s):
         raise InvalidRecord("clock_skew", f"event_time={et} is {et - now:+.0f}s from now")
     for name in ("request_id", "ad_id", "user_id", "bidword"):
         if name in kwargs and name in cls.SPEC and cls.SPEC[name][1] and not kwargs[name]:
@@ -338,7 +342,8 @@ def validate_dict(obj: Any, expected: type[Event] | None = None, now: float | No
     return cls(**kwargs)
 
 
-def decode(raw: bytes | str | None, expected: type[Event] | None = None, now: float | None = None) -> Event:
+def decode(raw: bytes | str | None, expected: type[Event] | None = None, now: float | None = None,
+           max_future_s: float = MAX_FUTURE_S) -> Event:
     """Decode one record's value. Raises :class:`InvalidRecord` with the reason when it is bad."""
     if raw is None:
         raise InvalidRecord("malformed_json", "empty record value")
@@ -348,7 +353,16 @@ def decode(raw: bytes | str | None, expected: type[Event] | None = None, now: fl
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidRecord("malformed_json", str(e)[:200]) from None
-    return validate_dict(obj, expected, now)
+    return validate_dict(obj, expected, now, max_future_s)
+
+
+def record_time(ts: tuple[int, int] | None, fallback: float) -> float:
+    """The clock a worker checks a record's event time against: its Kafka timestamp (seconds) when
+    the record has one (``(type, ms)`` as confluent-kafka gives it; type 0 = none), else
+    ``fallback`` (the wall clock). Deterministic when the same topic is read again."""
+    if ts is not None and ts[0] != 0 and ts[1] > 0:
+        return ts[1] / 1000.0
+    return fallback
 
 
 def encode(event: Event) -> bytes:

@@ -55,7 +55,12 @@ class BrokerSettings(BaseModel):
 class JoinSettings(BaseModel):
     attribution_window_s: float = Field(600.0, gt=0)  # a click counts if within this of its impression
     allowed_lateness_s: float = Field(60.0, ge=0)  # how far behind the watermark a record may arrive
-    max_pending: int = 2_000_000  # safety bound on open impressions per worker
+    # bound on open impressions + clicks waiting for their impression, per worker; what would exceed
+    # it is dead-lettered with reason state_full
+    max_pending: int = Field(2_000_000, ge=1)
+    # an event time more than this ahead of its record's Kafka timestamp is dead-lettered as
+    # clock_skew: a future event time would move the partition's watermark and make others late
+    max_future_s: float = Field(10.0, ge=0)
 
     def delay_note(self) -> str:
         """What the window means for when examples appear (the joiner and the trainer log it at start)."""

@@ -40,7 +40,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from core import atomic
 from core.errors import AdstreamError, ConfigError, InvalidRecord
-from core.events import Click, Impression, decode
+from core.events import Click, Impression, decode, record_time
 from core.logs import setup_logging, verbosity_from_env
 from core.metrics import WorkerMetrics
 from core.settings import Settings, load_settings
@@ -143,8 +143,8 @@ class FeatureUpdater:
             counter = self._records_in[topic] = self.metrics.records_in.labels(WORKER, topic)
         counter.inc()
         ts_type, ts_ms = msg.timestamp()
-        try:
-            event = decode(raw, self.expected[topic], now=now)
+        try:  # the record's own timestamp is the clock: the same answer when it is read again
+            event = decode(raw, self.expected[topic], now=record_time((ts_type, ts_ms), now))
         except InvalidRecord as err:
             self._dead_letter(topic, part, off, raw, err)
             return

@@ -17,12 +17,23 @@ Semantics (event time):
   with reason ``late`` and counted. A click whose impression never arrives is dead-lettered as
   ``orphan_click`` once the watermark passes it.
 
+Bounded state: open impressions plus clicks/conversions waiting for their impression count against
+``max_pending`` (``JoinSettings.max_pending``) per worker; a record that would exceed it is
+dead-lettered with reason ``state_full`` (its example is never emitted; the dead letter says so).
+An impression whose key (request, ad) was seen with *different* content is dead-lettered as
+``duplicate_request_id`` (a client reused a request id); a byte-identical one (a producer retry) is
+dropped and counted as ``duplicate_impression``.
+
 Offsets (at-least-once without loss): every record that is still needed to rebuild the state is
 *held*; the committable offset of a topic-partition is its smallest held offset. A click attached to
 an impression is held until the impression's own offset is committable, so a restart from committed
 offsets never sees an impression without the clicks that were joined to it. (The converse can
 happen: after a crash a click may be re-read whose impression was already committed; it is then
-dead-lettered as an orphan a second time, under the same dead-letter key.)
+dead-lettered as an orphan a second time, under the same dead-letter key.) To avoid that, a runtime
+commits, as offset metadata, which offsets above the committed one are *done*
+(:meth:`PartitionJoin.done_runs`, encoded by :mod:`streams.join_offsets`) and skips them when it
+reads them again (:meth:`JoinState.skip_done`): an emitted impression with its clicks, a
+dead-lettered record. Without the metadata a restart is still correct, only noisier.
 """
 
 from __future__ import annotations
@@ -35,6 +46,8 @@ from typing import Iterable
 
 from core.errors import InvalidRecord
 from core.events import Click, Conversion, Event, Example, Impression
+from streams.join_offsets import DoneRuns
+from streams.join_progress import InputProgress  # noqa: F401  (re-exported: the runtimes import it from here)
 
 IMPRESSION, CLICK, CONVERSION = "impression", "click", "conversion"
 KINDS = (IMPRESSION, CLICK, CONVERSION)
@@ -100,8 +113,11 @@ class _HeldOffsets:
 class PartitionJoin:
     """Join state of one partition index across the impression/click/conversion topics."""
 
-    def __init__(self, partition: int, window_s: float, lateness_s: float, track_inputs: bool = False) -> None:
+    def __init__(self, partition: int, window_s: float, lateness_s: float, track_inputs: bool = False,
+                 is_full=None) -> None:
         self.partition = partition
+        self.is_full = is_full or (lambda: False)  # the worker's state bound (JoinState.max_pending)
+        self.n_orphans = 0
         self.window_s = window_s
         self.lateness_s = lateness_s
         self.max_event_time = -math.inf
@@ -115,7 +131,8 @@ class PartitionJoin:
         self._close_heap: list[tuple[float, int, tuple[str, str]]] = []
         self.orphans: dict[tuple[str, str], list[tuple[str, Event, int]]] = {}
         self._orphan_heap: list[tuple[float, int, tuple[str, str]]] = []
-        self.closed: dict[tuple[str, str], float] = {}  # recently emitted key -> purge time
+        # recently emitted key -> (purge time, content signature)
+        self.closed: dict[tuple[str, str], tuple[float, tuple]] = {}
         self._closed_heap: list[tuple[float, tuple[str, str]]] = []
         self.held = {k: _HeldOffsets() for k in KINDS}
         self._waiting: list[tuple[int, str, int]] = []  # (impression offset, kind, offset)
@@ -144,10 +161,28 @@ class PartitionJoin:
             if event.event_time > self.max_event_time:
                 self.max_event_time = event.event_time
 
+    @property
+    def size(self) -> int:
+        """Records held in memory: open impressions and outcomes waiting for their impression."""
+        return len(self.pending) + self.n_orphans
+
+    @staticmethod
+    def _signature(imp: Impression) -> tuple:
+        return (imp.event_time, imp.user_id, imp.query, imp.creative_id, imp.position, imp.bid)
+
     def _add_impression(self, offset: int, imp: Impression, out: "JoinOutput") -> None:
         key = (imp.request_id, imp.ad_id)
-        if key in self.pending or key in self.closed:
-            out.stats["duplicate_impression"] += 1
+        p = self.pending.get(key)
+        seen = p.imp if p is not None else None
+        sig = self._signature(seen) if seen is not None else (self.closed[key][1] if key in self.closed else None)
+        if sig is not None:
+            if sig == self._signature(imp):
+                out.stats["duplicate_impression"] += 1
+            else:
+                out.dead.append(DeadLetter(IMPRESSION, self.partition, offset, imp.to_json(), InvalidRecord(
+                    "duplicate_request_id", f"request {imp.request_id} ad {imp.ad_id} was already served with "
+                    "other content; request ids must be unique per page")))
+                out.stats["duplicate_request_id"] += 1
             return
         close_at = imp.event_time + self.window_s
         if close_at <= self.watermark:
@@ -157,12 +192,19 @@ class PartitionJoin:
             )
             out.stats["late"] += 1
             return
+        if self.is_full():
+            out.dead.append(DeadLetter(IMPRESSION, self.partition, offset, imp.to_json(), InvalidRecord(
+                "state_full", "the joiner holds max_pending open impressions and waiting clicks; "
+                "raise join.max_pending or add workers")))
+            out.stats["state_full"] += 1
+            return
         p = _Pending(imp, offset, close_at)
         self.pending[key] = p
         self.held[IMPRESSION].hold(offset)
         self._seq += 1
         heapq.heappush(self._close_heap, (close_at, self._seq, key))
         for kind, ev, off in self.orphans.pop(key, ()):
+            self.n_orphans -= 1
             self._attach(p, kind, ev, off, out)
 
     def _add_outcome(self, kind: str, offset: int, ev: Event, out: "JoinOutput") -> None:
@@ -179,6 +221,12 @@ class PartitionJoin:
             out.stats["late"] += 1
             return
         # the impression may still come (out of order): wait until the watermark passes the event
+        if self.is_full():
+            out.dead.append(DeadLetter(kind, self.partition, offset, ev.to_json(), InvalidRecord(
+                "state_full", f"the joiner holds max_pending records; this {kind} waits for no impression")))
+            out.stats["state_full"] += 1
+            return
+        self.n_orphans += 1
         self.held[kind].hold(offset)
         self.orphans.setdefault(key, []).append((kind, ev, offset))
         self._seq += 1
@@ -217,12 +265,13 @@ class PartitionJoin:
             for kind, off in p.outcomes:
                 heapq.heappush(self._waiting, (p.offset, kind, off))
             purge = close_at + self.window_s + self.lateness_s
-            self.closed[key] = purge
+            self.closed[key] = (purge, self._signature(p.imp))
             heapq.heappush(self._closed_heap, (purge, key))
         oh = self._orphan_heap
         while oh and oh[0][0] < wm:
             _, _, key = heapq.heappop(oh)
             for kind, ev, off in self.orphans.pop(key, ()):
+                self.n_orphans -= 1
                 reason = "orphan_click" if kind == CLICK else "orphan_conversion"
                 out.dead.append(
                     DeadLetter(kind, self.partition, off, ev.to_json(),
@@ -242,6 +291,39 @@ class PartitionJoin:
             _, kind, off = heapq.heappop(w)
             self.held[kind].release(off)
 
+    def skip_done(self, kind: str, offset: int, event_time: float | None) -> None:
+        """A record read again that an earlier owner had finished (see :meth:`done_runs`): only
+        its position and event time count."""
+        self.held[kind].seen(offset)
+        if event_time is not None and event_time > self.max_time[kind]:
+            self.max_time[kind] = event_time
+            if event_time > self.max_event_time:
+                self.max_event_time = event_time
+
+    def done_runs(self, kind: str, committed: int) -> tuple[list[tuple[int, int]], int]:
+        """Runs ``[start, stop)`` of offsets in ``[committed, next)`` whose effect is complete in the
+        emitted output, and ``next`` (one past the highest offset seen). A restart from
+        ``committed`` may skip them: emitted impressions, the clicks and conversions attached to
+        them (held until the impression's offset is committable, but done), and records that were
+        dropped or dead-lettered. Open impressions and the outcomes of open or missing impressions
+        are not done. Only the first ``join_offsets.MAX_RUNS`` runs (what metadata can carry)."""
+        from streams.join_offsets import MAX_RUNS, gaps
+
+        h = self.held[kind]
+        end = h.next_offset
+        if end <= committed:
+            return [], max(end, committed)
+        needed = h._live
+        if kind != IMPRESSION and self._waiting:
+            waiting = {off for _, k, off in self._waiting if k == kind}
+            needed = needed - waiting
+        # the smallest needed offsets bound the first runs; more runs than fit are never used
+        first = heapq.nsmallest(MAX_RUNS + 1, needed) if len(needed) > MAX_RUNS + 1 else needed
+        runs = gaps(committed, end, first, MAX_RUNS)
+        if len(first) < len(needed) and runs and runs[-1][1] == end:
+            runs.pop()  # past the last offset considered, other needed offsets may lie in it
+        return runs, end
+
     def committable(self) -> dict[str, int]:
         out = {}
         for kind, h in self.held.items():
@@ -249,79 +331,6 @@ class PartitionJoin:
             if c is not None:
                 out[kind] = c
         return out
-
-
-class InputProgress:
-    """Which inputs of each partition are caught up (read to their end), for the watermark.
-
-    The watermark of a partition follows the slowest input that still has records to deliver, so
-    deciding "this input has nothing more" wrongly lets the watermark run ahead and turns the
-    input's next records into late ones. An input counts as idle only when all of these hold:
-
-    * the runtime asked the broker for the input's end offset (:meth:`end_offsets`) *after* the
-      last record of that input arrived and after the last (re)assignment (a cached high watermark
-      from an earlier fetch is not enough: it is stale while a producer keeps writing, and after a
-      rebalance it can predate the partition's new start position);
-    * the position (next offset to read) is at or past that end offset;
-    * nothing arrived on it for ``quiet_s`` seconds.
-
-    Even then it only stops holding the watermark back *up to its horizon*, the partition's newest
-    event time when the end offset was asked: records written to it after that moment can be
-    older than what another input delivers meanwhile.
-
-    Pure: the runtime passes monotonic times in.
-    """
-
-    def __init__(self, quiet_s: float) -> None:
-        self.quiet_s = quiet_s
-        self.reset(0.0, {})
-
-    def reset(self, now: float, positions: dict[tuple[str, int], int | None]) -> None:
-        """A new assignment: reading restarts at ``positions`` ((kind, partition) -> offset, None =
-        unknown, i.e. nothing committed yet)."""
-        self.assigned_at = now
-        self.position: dict[tuple[str, int], int | None] = dict(positions)
-        self.last_arrival: dict[tuple[str, int], float] = {}
-        self.ends: dict[tuple[str, int], tuple[int, float]] = {}
-
-    def arrived(self, kind: str, partition: int, offset: int, now: float) -> None:
-        self.position[(kind, partition)] = offset + 1
-        self.last_arrival[(kind, partition)] = now
-
-    def end_offsets(self, ends: dict[tuple[str, int], int], asked_at: float,
-                    horizons: dict[int, float] | None = None) -> None:
-        """End offsets (high watermarks) the broker reported for a request sent at ``asked_at``;
-        ``horizons``: each partition's newest event time when the request was sent."""
-        for k, e in ends.items():
-            if e is not None and e >= 0:
-                h = math.inf if horizons is None else horizons.get(k[1], -math.inf)
-                self.ends[k] = (int(e), asked_at, h)
-
-    def lag(self, kind: str, partition: int) -> int | None:
-        e = self.ends.get((kind, partition))
-        pos = self.position.get((kind, partition))
-        if e is None or pos is None:
-            return None
-        return max(0, e[0] - pos)
-
-    def idle_kinds(self, partition: int, now: float, kinds: Iterable[str] = KINDS) -> dict[str, float]:
-        """The idle inputs of a partition, each with its horizon (see :meth:`JoinState.set_idle`)."""
-        idle = {}
-        for kind in kinds:
-            k = (kind, partition)
-            e = self.ends.get(k)
-            if e is None:
-                continue
-            end, asked_at, horizon = e
-            arrived = self.last_arrival.get(k, self.assigned_at)
-            if asked_at < arrived or asked_at < self.assigned_at:
-                continue  # the answer predates what we have read: it says nothing
-            if now - arrived < self.quiet_s:
-                continue
-            pos = self.position.get(k)
-            if end == 0 or (pos is not None and pos >= end):
-                idle[kind] = horizon
-        return idle
 
 
 @dataclass
@@ -339,10 +348,16 @@ class JoinOutput:
 class JoinState:
     """Join state of every partition index this worker owns."""
 
-    def __init__(self, window_s: float, lateness_s: float, track_inputs: bool = False) -> None:
+    def __init__(self, window_s: float, lateness_s: float, track_inputs: bool = False,
+                 max_pending: int | None = None) -> None:
         """``track_inputs``: the runtime reports which inputs are caught up (:meth:`set_idle`); until
-        it does, every input counts as active, so the watermark waits for all of them."""
+        it does, every input counts as active, so the watermark waits for all of them.
+        ``max_pending``: bound on open impressions + waiting outcomes over all partitions (None =
+        unbounded); what would exceed it is dead-lettered as ``state_full``."""
         self.track_inputs = track_inputs
+        self.max_pending = max_pending
+        self.size = 0  # sum of the partitions' sizes
+        self.told_done: dict[tuple[str, int], DoneRuns] = {}  # done offsets to skip, per (kind, partition)
         if window_s <= 0 or lateness_s < 0:
             raise ValueError("window must be > 0 and lateness >= 0")
         self.window_s = window_s
@@ -354,22 +369,55 @@ class JoinState:
         p = self.partitions.get(partition)
         if p is None:
             p = self.partitions[partition] = PartitionJoin(
-                partition, self.window_s, self.lateness_s, self.track_inputs
+                partition, self.window_s, self.lateness_s, self.track_inputs, self._full
             )
         return p
+
+    def _full(self) -> bool:
+        return self.max_pending is not None and self.size >= self.max_pending
 
     def add(self, kind: str, partition: int, offset: int, event: Event) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}")
-        self.part(partition).add(kind, offset, event, self.out)
+        p = self.part(partition)
+        before = p.size
+        p.add(kind, offset, event, self.out)
+        self.size += p.size - before
 
     def skip(self, kind: str, partition: int, offset: int) -> None:
         """Record that an offset was read but carries nothing to hold (e.g. a dead-lettered record)."""
         self.part(partition).held[kind].seen(offset)
 
+    def is_done(self, kind: str, partition: int, offset: int) -> bool:
+        """Whether an earlier owner finished this record (offset metadata, :meth:`set_done`)."""
+        done = self.told_done.get((kind, partition))
+        return done is not None and offset in done
+
+    def skip_done(self, kind: str, partition: int, offset: int, event_time: float | None) -> None:
+        self.part(partition).skip_done(kind, offset, event_time)
+
+    def set_done(self, kind: str, partition: int, runs: list[tuple[int, int]]) -> None:
+        """Offset runs an earlier owner committed as done (decoded offset metadata): skip them."""
+        if runs:
+            self.told_done[(kind, partition)] = DoneRuns(runs)
+        else:
+            self.told_done.pop((kind, partition), None)
+
+    def done_runs(self, kind: str, partition: int, committed: int) -> list[tuple[int, int]]:
+        """Done runs at or above ``committed``: this worker's (:meth:`PartitionJoin.done_runs`)
+        plus those it was told about and has not read again yet."""
+        p = self.partitions.get(partition)
+        runs, end = p.done_runs(kind, committed) if p is not None else ([], committed)
+        told = self.told_done.get((kind, partition))
+        if told is not None:
+            runs = runs + told.from_offset(max(end, committed))
+        return runs
+
     def advance(self, partitions: Iterable[int] | None = None, flush_all: bool = False) -> None:
         for p in list(self.partitions.values()) if partitions is None else [self.part(i) for i in partitions]:
+            before = p.size
             p.advance(self.out, flush_all=flush_all)
+            self.size += p.size - before
 
     def set_idle(self, partition: int, idle_kinds: dict[str, float] | set[str]) -> None:
         """Tell the join which inputs of a partition are read to their end (see watermark).
@@ -385,7 +433,11 @@ class JoinState:
     def revoke(self, partitions: Iterable[int]) -> None:
         """Forget partitions handed to another worker; it rebuilds them from committed offsets."""
         for i in partitions:
-            self.partitions.pop(i, None)
+            p = self.partitions.pop(i, None)
+            if p is not None:
+                self.size -= p.size
+            for k in KINDS:
+                self.told_done.pop((k, i), None)
 
     def committable(self) -> dict[tuple[str, int], int]:
         return {(k, i): off for i, p in self.partitions.items() for k, off in p.committable().items()}

@@ -80,7 +80,9 @@ def build_app(
     examples_topic = app.topic(topics.examples, key_serializer="raw", value_serializer="raw")
     dlq_topic = app.topic(topics.dead_letter, key_serializer="raw", value_serializer="raw")
 
-    state = JoinState(settings.join.attribution_window_s, settings.join.allowed_lateness_s, track_inputs=True)
+    state = JoinState(settings.join.attribution_window_s, settings.join.allowed_lateness_s, track_inputs=True,
+                      max_pending=settings.join.max_pending)
+    max_future_s = settings.join.max_future_s
     progress = InputProgress(IDLE_AFTER_S)  # which inputs are read to their end
     committed: dict[tuple[str, int], int] = {}  # what this worker committed last
     # next offset to process per topic-partition; records off this sequence are ignored (neither
@@ -177,7 +179,9 @@ def build_app(
                 if msg.timestamp:
                     latency.observe(max(0.0, now - msg.timestamp))
                 try:
-                    ev = decode(msg.value, expected[kind], now=now)
+                    # the record's own timestamp is the clock: the same answer when it is read again
+                    t_rec = msg.timestamp if msg.timestamp and msg.timestamp > 0 else now
+                    ev = decode(msg.value, expected[kind], now=t_rec, max_future_s=max_future_s)
                 except InvalidRecord as err:
                     state.skip(kind, msg.partition, msg.offset)
                     state.out.dead.append(DeadLetter(kind, msg.partition, msg.offset, bytes(msg.value or b""), err))

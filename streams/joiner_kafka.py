@@ -5,6 +5,9 @@ rule as the faust worker in :mod:`streams.joiner`; it trades faust's agent machi
 batch consume, which is several times faster per worker. Rebalances are eager: on revoke, outputs
 are flushed, the committable offsets committed and the state of every partition dropped; on assign,
 consumption restarts from the committed offsets and the state is rebuilt, exactly like a restart.
+Each commit carries, as offset metadata, the offsets above it that are already done
+(:mod:`streams.join_offsets`); the next owner skips them, so a restart or a hand-over re-emits no
+example and dead-letters no click a second time.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import time
 from confluent_kafka import Consumer, TopicPartition
 
 from core.errors import InvalidRecord
-from core.events import Click, Conversion, Impression, dead_letter_record, decode
+from core.events import Click, Conversion, Impression, dead_letter_record, decode, record_time
 from core.metrics import WorkerMetrics
 from core.settings import Settings
+from streams import join_offsets
 from streams.join import CLICK, CONVERSION, IMPRESSION, DeadLetter, InputProgress, JoinState
 from streams.joiner import COMMIT_INTERVAL_S, IDLE_AFTER_S, count_outputs, dead_letter_key
 from streams.kafka_io import ReliableProducer, client_config, is_error
@@ -44,9 +48,10 @@ class KafkaJoiner:
         self.metrics = metrics or WorkerMetrics("joiner")
         self.idle_flush_s = idle_flush_s
         self.state = JoinState(settings.join.attribution_window_s, settings.join.allowed_lateness_s,
-                               track_inputs=True)
+                               track_inputs=True, max_pending=settings.join.max_pending)
+        self.max_future_s = settings.join.max_future_s
         self.progress = InputProgress(IDLE_AFTER_S)
-        self.committed: dict[tuple[str, int], int] = {}
+        self.committed: dict[tuple[str, int], tuple[int, str]] = {}  # (offset, metadata) committed last
         self.assigned: set[int] = set()
         self.start_offsets: dict[tuple[str, int], int | None] = {}
         self._stop = threading.Event()
@@ -67,10 +72,18 @@ class KafkaJoiner:
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         self.assigned = {p.partition for p in parts}
         # where reading restarts (the committed offsets): the position of inputs not read yet
+        committed = consumer.committed(parts, timeout=10)
         start = {(self.kind_of_topic[tp.topic], tp.partition): (tp.offset if tp.offset >= 0 else None)
-                 for tp in consumer.committed(parts, timeout=10)}
+                 for tp in committed}
+        skipped = 0
+        for tp in committed:
+            if tp.offset >= 0 and tp.metadata:
+                done = join_offsets.decode(tp.offset, tp.metadata)
+                self.state.set_done(self.kind_of_topic[tp.topic], tp.partition, done)
+                skipped += sum(b - a for a, b in done)
         self.progress.reset(time.monotonic(), start)
-        log.info("assigned partitions %s; state rebuilt from committed offsets", sorted(self.assigned))
+        log.info("assigned partitions %s; state rebuilt from committed offsets (%d records above them "
+                 "already done)", sorted(self.assigned), skipped)
 
     def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         self._publish()
@@ -108,8 +121,16 @@ class KafkaJoiner:
                     if ts > 0:
                         latency.observe(max(0.0, now - ts / 1000.0))
                     value = m.value()
+                    t_rec = record_time((ts_type, ts), now)
+                    if self.state.told_done and self.state.is_done(kind, part, off):
+                        try:  # done by an earlier owner: only its position and event time count
+                            et = decode(value, self.expected[kind], now=t_rec, max_future_s=self.max_future_s).event_time
+                        except InvalidRecord:
+                            et = None
+                        self.state.skip_done(kind, part, off, et)
+                        continue
                     try:
-                        ev = decode(value, self.expected[kind], now=now)
+                        ev = decode(value, self.expected[kind], now=t_rec, max_future_s=self.max_future_s)
                     except InvalidRecord as e:
                         self.state.skip(kind, part, off)
                         self.state.out.dead.append(DeadLetter(kind, part, off, value or b"", e))
@@ -161,11 +182,14 @@ class KafkaJoiner:
         if not force and now - getattr(self, "_last_commit", 0.0) < COMMIT_INTERVAL_S:
             return
         self._last_commit = now
-        offsets = [
-            TopicPartition(self.topic_of_kind[kind], part, off)
-            for (kind, part), off in self.state.committable().items()
-            if part in self.assigned and off > self.committed.get((kind, part), -1)
-        ]
+        offsets = []
+        for (kind, part), off in self.state.committable().items():
+            if part not in self.assigned:
+                continue
+            meta = join_offsets.encode(off, self.state.done_runs(kind, part, off))
+            last = self.committed.get((kind, part))
+            if last is None or off > last[0] or (off == last[0] and meta != last[1]):
+                offsets.append(TopicPartition(self.topic_of_kind[kind], part, off, metadata=meta))
         if not offsets:
             return
         # every output produced so far, not only since the last commit: a delivery that failed
@@ -180,7 +204,7 @@ class KafkaJoiner:
             log.warning("commit failed: %s", e)
             return
         for tp in offsets:
-            self.committed[(self.kind_of_topic[tp.topic], tp.partition)] = tp.offset
+            self.committed[(self.kind_of_topic[tp.topic], tp.partition)] = (tp.offset, tp.metadata or "")
 
     def _ask_ends(self) -> None:
         """Ask the broker for the end offset of every assigned input (not the cached value)."""

@@ -222,3 +222,123 @@ def test_outputs_stay_queued_until_their_sends_complete():
 
     asyncio.run(run())
     assert {f"r{i}:a" for i in range(5)} <= set(delivered)
+
+
+# -- restarts with the done offsets committed as metadata ----------------------------------------
+
+def _stream(seed: int, n: int = 300):
+    rng = random.Random(seed)
+    imps, outcomes = [], []
+    t = 0.0
+    for i in range(n):
+        t += rng.expovariate(1.0)
+        imps.append(imp(f"r{i}", "a", t))
+        if rng.random() < 0.3:
+            outcomes.append(clk(f"r{i}", "a", t + rng.uniform(0, 20)))
+        if rng.random() < 0.1:
+            outcomes.append(Conversion(request_id=f"r{i}", event_time=t + rng.uniform(0, 25), ad_id="a", user_id="u1"))
+    merged = sorted([(e.event_time, IMPRESSION, e) for e in imps] +
+                    [(e.event_time, CLICK if isinstance(e, Click) else CONVERSION, e) for e in outcomes],
+                    key=lambda x: (x[0], x[1]))
+    counters = {IMPRESSION: 0, CLICK: 0, CONVERSION: 0}
+    recs = []
+    for _, kind, e in merged:
+        recs.append((kind, 0, counters[kind], e))
+        counters[kind] += 1
+    return recs
+
+
+def test_a_restart_with_done_offsets_emits_no_duplicate_and_no_spurious_orphan():
+    """Crash at every point, restart from the committed offsets plus the done offsets committed as
+    metadata: the union of the outputs is the uninterrupted output, no example comes out twice and
+    no click is dead-lettered as an orphan (this stream has none)."""
+    from streams import join_offsets
+
+    recs = _stream(3)
+    full, full_dead = join_offline(recs, 30, 2)
+    assert not full_dead
+    expected = {e.key: e.to_json() for e in full}
+    orphans = duplicates = 0
+    for crash_at in range(0, len(recs), 23):
+        st = JoinState(30, 2)
+        for r in recs[:crash_at]:
+            st.add(*r)
+            st.part(0).advance(st.out)
+        got = {e.key: e.to_json() for e in st.out.examples}
+        commit = st.committable()
+        meta = {k: join_offsets.encode(off, st.done_runs(k, 0, off)) for (k, _), off in commit.items()}
+        # the next owner
+        st2 = JoinState(30, 2)
+        for k, off in commit.items():
+            st2.set_done(k[0], 0, join_offsets.decode(off, meta[k[0]]))
+        for kind, part, off, ev in recs:
+            if off < commit.get((kind, 0), 0):
+                continue
+            if st2.is_done(kind, part, off):
+                st2.skip_done(kind, part, off, ev.event_time)
+                continue
+            st2.add(kind, part, off, ev)
+            st2.part(0).advance(st2.out)
+        st2.advance(flush_all=True)
+        for e in st2.out.examples:
+            assert got.get(e.key, e.to_json()) == e.to_json(), "same key must carry the same content"
+            duplicates += e.key in got
+            got[e.key] = e.to_json()
+        orphans += sum(d.error.reason.startswith("orphan") for d in st2.out.dead)
+        assert got == expected
+    assert orphans == 0 and duplicates == 0, (orphans, duplicates)
+
+
+def test_done_offsets_metadata_round_trip_and_bounds():
+    from streams import join_offsets
+
+    runs = join_offsets.gaps(3, 101, [3, 4, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 22, 23] + list(range(24, 100)))
+    assert join_offsets.offsets(runs) == [5, 6, 7, 9, 20, 21, 100]
+    meta = join_offsets.encode(3, [(1, 3)] + runs)  # below the committed offset: ignored
+    assert meta.startswith("j1:") and join_offsets.decode(3, meta) == runs
+    done = join_offsets.DoneRuns(runs)
+    assert [o for o in range(0, 110) if o in done] == [5, 6, 7, 9, 20, 21, 100]
+    assert join_offsets.encode(3, []) == "" and join_offsets.decode(3, "") == []
+    assert join_offsets.decode(3, "garbage") == [] and join_offsets.decode(3, "j1:zz,") == []
+    many = [(i, i + 1) for i in range(0, 100_000, 2)]  # 50k runs: only a prefix fits
+    short = join_offsets.encode(0, many, max_chars=200)
+    back = join_offsets.decode(0, short)
+    assert len(short) <= 200 and back == many[:len(back)] and len(back) > 10
+    assert join_offsets.decode(0, "j1:0,zzzzzzzz") == []  # absurd: not ours
+    # the worker's runs: only up to the offsets it considered when there are more needed ones
+    st = JoinState(window_s=1000, lateness_s=5)
+    n = join_offsets.MAX_RUNS * 3
+    for i in range(n):  # every other impression stays open, the others are duplicates (done)
+        st.add(IMPRESSION, 0, 2 * i, imp(f"r{i}", "a", 100.0 + i))
+        st.add(IMPRESSION, 0, 2 * i + 1, imp(f"r{i}", "a", 100.0 + i))
+    runs = st.done_runs(IMPRESSION, 0, 0)
+    assert len(runs) == join_offsets.MAX_RUNS and all(b - a == 1 and a % 2 == 1 for a, b in runs)
+
+
+def test_join_state_is_bounded_and_overflow_is_dead_lettered():
+    st = JoinState(window_s=30, lateness_s=5, max_pending=3)
+    for i in range(3):
+        st.add(IMPRESSION, 0, i, imp(f"r{i}", "a", 100.0 + i))
+    st.add(IMPRESSION, 1, 0, imp("r3", "a", 103.0))  # another partition: same worker budget
+    st.add(CLICK, 0, 0, clk("zz", "a", 104.0))  # would wait for an impression
+    assert st.pending == 3 and st.size == 3
+    assert [(d.kind, d.error.reason) for d in st.out.dead] == [(IMPRESSION, "state_full"), (CLICK, "state_full")]
+    st.add(IMPRESSION, 0, 3, imp("r9", "a", 200.0))  # closes the three; itself refused (still full)
+    st.advance()
+    assert {e.key for e in st.out.examples} == {"r0:a", "r1:a", "r2:a"} and st.size == 0
+    st.add(IMPRESSION, 0, 4, imp("r10", "a", 201.0))
+    assert st.pending == 1  # room again
+
+
+def test_a_reused_request_id_is_dead_lettered_and_a_retry_is_dropped():
+    st = JoinState(window_s=30, lateness_s=5)
+    first = imp("r1", "a", 100.0)
+    st.add(IMPRESSION, 0, 0, first)
+    st.add(IMPRESSION, 0, 1, imp("r1", "a", 100.0))  # a producer retry: same content
+    st.add(IMPRESSION, 0, 2, imp("r1", "a", 117.0, user="u2"))  # another page with the same id
+    st.add(IMPRESSION, 0, 3, imp("r9", "a", 140.0))  # watermark 135: r1 (closes at 130) is emitted
+    st.advance()
+    st.add(IMPRESSION, 0, 4, imp("r1", "a", 120.0, user="u3"))  # after the first was emitted, not late
+    assert st.out.stats["duplicate_impression"] == 1
+    assert [(d.offset, d.error.reason) for d in st.out.dead] == [(2, "duplicate_request_id"), (4, "duplicate_request_id")]
+    assert [e.key for e in st.out.examples] == ["r1:a"] and st.out.examples[0].user_id == "u1"
