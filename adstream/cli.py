@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-creative": ("adstream.cmd_train_creative", "train JAC (ad ranker AR+ and creative ranker CR+) on the examples topic, two gated registry names"),
     "evaluate-ctr": ("adstream.cmd_evaluate", "offline incremental CTR evaluation (DDP vs baselines) on a CSV/Parquet file"),
     "evaluate-creative": ("adstream.cmd_evaluate_creative", "offline creative ranking (NSCTR): logged, Beta prior, CR and JAC's CR+ on a CSV/Parquet file"),
+    "evaluate-query": ("adstream.cmd_evaluate_query", "evaluate query classifiers (plain encoder, SMGCN, SSUF) on a CSV/TSV of texts and labels"),
     "train-dist": ("adstream.cmd_train_dist", "incremental CTR training/evaluation under TorchRec DistributedModelParallel (N processes)"),
     "serve": ("adstream.cmd_serve", "run the online ad service (POST /v1/ads)"),
     "simulate-traffic": ("adstream.cmd_simulate", "send ad requests from the synthetic world's users and produce their clicks"),
