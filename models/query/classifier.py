@@ -110,8 +110,11 @@ class QueryClassifier:
         if not self.cfg.graphs:
             self._h_cache = None
             return
+        was = self.net.training
+        self.net.eval()  # no dropout in the graph's label embeddings
         with torch.no_grad():
             c = self.encoder(self.net.node_ids).numpy()
+        self.net.train(was)
         adj = graph_inputs(self.cfg, self.space.n_leaves, self.space.parents, labels, c, weights,
                            pair_counts, count_vec)
         self.net.set_graphs(adj)

@@ -44,7 +44,7 @@ class HashFeatures:
     def __init__(self, dim: int = 512) -> None:
         self.dim = dim
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str], store: bool = True) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for i, t in enumerate(texts):
             words = t.lower().split()
@@ -94,7 +94,9 @@ class MiniLMFeatures:
     def tokenizer(self):
         return self.load()[0]
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str], store: bool = True) -> np.ndarray:
+        """Vectors of ``texts``; ``store=False`` leaves the cache as it is (serving: unseen
+        queries must not grow it without bound)."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         todo: dict[str, list[int]] = {}
         for i, t in enumerate(texts):
@@ -115,7 +117,8 @@ class MiniLMFeatures:
                 v = mean_pool(h, b["attention_mask"])
                 v = torch.nn.functional.normalize(v, dim=-1).numpy()
                 for t, vec in zip(chunk, v):
-                    self.cache[t] = vec
+                    if store:
+                        self.cache[t] = vec
                     for i in todo[t]:
                         out[i] = vec
                 self.stats["computed"] += len(chunk)
@@ -268,7 +271,7 @@ class AdapterEncoder(SharedEncoder):
         return self._adapt(self.base[ids])
 
     def _encode_new(self, texts: list[str]) -> torch.Tensor:
-        x = torch.from_numpy(np.asarray(self.features.embed(texts), dtype=np.float32))
+        x = torch.from_numpy(np.asarray(self.features.embed(texts, store=False), dtype=np.float32))
         return self._adapt(x)
 
     def export(self) -> dict[str, Any]:

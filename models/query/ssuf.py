@@ -210,9 +210,10 @@ class SSUFNet(nn.Module):
         self.adj = {c: torch.from_numpy(np.asarray(adj[c], dtype=np.float32)) for c in self.channels}
 
     # ---- pieces
-    def label_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(C, H): encoded node texts and their graph-propagated embeddings (H = C without SE)."""
-        c = self.encoder(self.node_ids)
+    def label_embeddings(self, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, H): encoded node texts (or the given ``c``) and their graph-propagated embeddings
+        (H = C without SE)."""
+        c = self.encoder(self.node_ids) if c is None else c
         if not self.channels:
             return c, c
         w = torch.softmax(self.chan_att, 0)
