@@ -24,6 +24,7 @@ class TopicNames(BaseModel):
     bidword_inventory: str = "bidword-inventory"
     examples: str = "examples"
     dead_letter: str = "dead-letter"
+    query_labels: str = "query-labels"  # query snapshots of the query-refresh agent (docs/query.md)
 
     def all(self) -> list[str]:
         return list(self.model_dump().values())
@@ -166,6 +167,44 @@ class CreativeSettings(BaseModel):
     threads: int = Field(1, ge=1)
 
 
+class QuerySettings(BaseModel):
+    """Query classification kept fresh from the stream (``adstream query-refresh`` and
+    ``adstream query-train``); owned by streams/query_refresh.py (docs/query.md)."""
+
+    model_name: str = "query-classifier"
+    variant: str = "ssuf"  # a variant of `adstream evaluate-query` (models/query/ssuf.py)
+    encoder: str = Field("adapter", pattern="^(adapter|minilm-ft|tiny-bert)$")
+    features: str = Field("minilm", pattern="^(minilm|hash)$")
+    # the refresh agent (faust): decayed click statistics per query -> query snapshots
+    half_life_s: float = Field(3600.0, gt=0)  # of the decayed (query, category) click counts
+    label_share: float = Field(0.2, gt=0, le=1)  # a category is a click label from this share of the query's clicks
+    min_clicks: float = Field(0.5, ge=0)
+    knowledge_top_k: int = Field(3, ge=0)  # posterior knowledge: top clicked categories and bidwords
+    emit_interval_s: float = Field(60.0, gt=0)  # event time between snapshots of an unchanged, active query
+    checkpoint_interval_s: float = Field(2.0, gt=0)
+    refresh_checkpoint_dir: Path = Path(".adstream/query-refresh")
+    # the model worker (streams.model_worker) on the snapshots
+    checkpoint_dir: Path = Path(".adstream/query-trainer")
+    window_snapshots: int = Field(200, ge=1)
+    window_seconds: float | None = Field(None, gt=0)
+    min_window: int = Field(20, ge=1)
+    finetune_every: int = Field(1, ge=0)  # windows between encoder fine-tunes (0: never; graphs still refresh)
+    finetune_steps: int = Field(20, ge=1)
+    replay_size: int = Field(50_000, ge=1)
+    fresh_share: float = Field(0.5, ge=0, le=1)
+    lr: float = Field(3e-3, gt=0)
+    threshold: float = Field(0.5, gt=0, lt=1)
+    max_labels: int = Field(3, ge=1)
+    gate_f1_margin: float = Field(0.02, ge=0)
+    on_reject: str = Field("reset", pattern="^(reset|continue)$")
+    max_windows: int | None = Field(None, ge=1)
+    idle_exit_s: float | None = Field(None, gt=0)
+    seed: int = 0
+    threads: int = Field(1, ge=1)
+    # serving
+    cache_size: int = Field(10_000, ge=0)  # head queries whose categories the service keeps per version
+
+
 class ServeSettings(BaseModel):
     """The online service (``adstream serve``); owned by online/."""
 
@@ -208,6 +247,8 @@ class MetricsSettings(BaseModel):
     trainer_port: int = 9103
     creative_trainer_port: int = 9106
     serve_port: int = 8080
+    query_refresh_port: int = 9104
+    query_trainer_port: int = 9105
 
 
 class Settings(BaseSettings):
@@ -221,6 +262,7 @@ class Settings(BaseSettings):
     features: FeatureSettings = FeatureSettings()
     trainer: TrainerSettings = TrainerSettings()
     creative: CreativeSettings = CreativeSettings()
+    query: QuerySettings = QuerySettings()
     serve: ServeSettings = ServeSettings()
     metrics: MetricsSettings = MetricsSettings()
     state_dir: Path = Path(".adstream")

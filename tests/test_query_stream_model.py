@@ -29,9 +29,9 @@ def snapshots(stats: QueryClickStats, records) -> list[dict]:
 
 
 def model(**over) -> QueryStreamModel:
-    cfg = QueryStreamConfig(encoder={"kind": "adapter", "features": "hash", "hidden": 64},
+    cfg = QueryStreamConfig(encoder={"kind": "adapter", "features": "hash", "features_dim": 256, "hidden": 64},
                             finetune_steps=over.pop("finetune_steps", 15), **over)
-    return QueryStreamModel(cfg, features=HashFeatures(256))
+    return QueryStreamModel(cfg)
 
 
 # ---- statistics -------------------------------------------------------------------------------
@@ -91,7 +91,7 @@ def test_learns_the_world_and_round_trips(world_records):
     top = [p[0][0] for p in m.predict(qs)]
     acc = np.mean([t == gold[q] for t, q in zip(top, qs)])
     assert acc > 0.7, acc
-    again = QueryStreamModel.from_state(m.state(), features=HashFeatures(256))
+    again = QueryStreamModel.from_state(m.state())
     assert again.predict(qs[:20] + ["never seen query"]) == m.predict(qs[:20] + ["never seen query"])
     again.warm()
     assert m.predict(["", "   ", None, 42]) == [[], [], [], []]
@@ -133,7 +133,7 @@ def test_a_poisoned_window_is_rejected_by_the_gate(world_records):
     n = len(recs)
     m = model(finetune_steps=40)
     m.learn(snapshots(stats, recs[: n // 2]))
-    serving = QueryStreamModel.from_state(m.state(), features=HashFeatures(256))
+    serving = QueryStreamModel.from_state(m.state())
     clean = snapshots(stats, recs[n // 2: 3 * n // 4])
     labels = [s["labels"] for s in clean]
     random.Random(0).shuffle(labels)

@@ -130,11 +130,12 @@ def mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-def make_features(name: str, **kw) -> Any:
+def make_features(name: str, dim: int = 0, **kw) -> Any:
+    """A feature source by name (``dim``: the hashed features' width; 0 = default)."""
     if name == "minilm":
         return MiniLMFeatures(**kw)
     if name == "hash":
-        return HashFeatures(**{k: v for k, v in kw.items() if k == "dim"})
+        return HashFeatures(dim or 512)
     raise ValueError(f"unknown feature source {name!r} (minilm or hash)")
 
 
@@ -149,6 +150,7 @@ class EncoderSpec:
     layers: int = 2  # tiny-bert
     heads: int = 2  # tiny-bert
     max_length: int = 32
+    features_dim: int = 0  # width of hashed features (0 = default)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -372,7 +374,8 @@ def build_encoder(spec: EncoderSpec, texts: Sequence[str] = (), features=None,
     from them). ``features``: a feature source for the adapter (built from ``spec.features`` when
     None)."""
     if spec.kind == "adapter":
-        enc: SharedEncoder = AdapterEncoder(spec, features if features is not None else make_features(spec.features))
+        enc: SharedEncoder = AdapterEncoder(spec, features if features is not None
+                                            else make_features(spec.features, spec.features_dim))
     elif spec.kind == "tiny-bert":
         from transformers import AutoTokenizer
 
@@ -393,7 +396,8 @@ def restore_encoder(exported: dict[str, Any], features=None) -> SharedEncoder:
     spec = EncoderSpec.from_dict(exported["spec"])
     texts = list(exported["texts"])
     if spec.kind == "adapter":
-        enc = AdapterEncoder(spec, features if features is not None else make_features(exported.get("features", spec.features)))
+        enc = AdapterEncoder(spec, features if features is not None
+                             else make_features(exported.get("features", spec.features), spec.features_dim))
         enc.set_base(texts, exported["base"])
     elif spec.kind == "tiny-bert":
         enc = TransformerEncoder(spec, vocab=[t for t in exported["vocab"]])

@@ -159,3 +159,43 @@ class QueryClickStats:
             s = out._q[q] = _Q(float(t))
             s.clicks, s.imps, s.words = dict(c), dict(i), dict(w)
         return out
+
+
+class SnapshotEmitter:
+    """Decides when a query's snapshot is worth sending to the model: its label set or knowledge
+    changed, its click mass moved by ``min_change`` (relative), or ``interval_s`` of event time
+    passed since its last snapshot while it kept getting traffic."""
+
+    def __init__(self, interval_s: float = 60.0, min_change: float = 0.25, max_queries: int = 200_000) -> None:
+        self.interval_s = interval_s
+        self.min_change = min_change
+        self.max_queries = max_queries
+        self._last: dict[str, tuple[tuple[str, ...], tuple[str, ...], float, float]] = {}
+
+    def due(self, snap: Mapping[str, Any]) -> bool:
+        q = snap["query"]
+        key = (tuple(sorted(snap["labels"])), tuple(snap["knowledge"]))
+        last = self._last.get(q)
+        clicks, t = float(snap["clicks"]), float(snap["event_time"])
+        if last is not None:
+            same = last[:2] == key
+            moved = abs(clicks - last[2]) > self.min_change * max(last[2], 1.0)
+            if same and not moved and t - last[3] < self.interval_s:
+                return False
+        if not snap["labels"] and (last is None or not last[0]):
+            return False  # nothing to learn yet (no click label ever)
+        self._last.pop(q, None)
+        self._last[q] = (key[0], key[1], clicks, t)
+        while len(self._last) > self.max_queries:
+            self._last.pop(next(iter(self._last)))
+        return True
+
+    def state(self) -> dict[str, Any]:
+        return {"interval_s": self.interval_s, "min_change": self.min_change, "max_queries": self.max_queries,
+                "last": {q: [list(a), list(b), c, t] for q, (a, b, c, t) in self._last.items()}}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> "SnapshotEmitter":
+        out = cls(state["interval_s"], state["min_change"], state["max_queries"])
+        out._last = {q: (tuple(a), tuple(b), float(c), float(t)) for q, (a, b, c, t) in state["last"].items()}
+        return out

@@ -111,7 +111,7 @@ class QueryStreamModel:
     # ---- building -------------------------------------------------------------------------
     def _encoder(self):
         spec = EncoderSpec.from_dict(self.config.encoder)
-        feats = self.features if self.features is not None else make_features(spec.features)
+        feats = self.features if self.features is not None else make_features(spec.features, spec.features_dim)
         return build_encoder(spec, features=feats)
 
     def _labels_in_buffer(self) -> list[str]:
