@@ -217,6 +217,12 @@ class ServeSettings(BaseModel):
     domains: list[str] = ["search"]  # a request naming another domain is refused (422)
     max_slots: int = Field(10, ge=1, le=100)
     max_candidates: int = Field(200, ge=1)
+    # query understanding: the served query classifier (auto: once one was published; model: always,
+    # degraded `query_understanding` while none is served; counts: the inventory-fed baseline only)
+    query_classifier: str = Field("auto", pattern="^(auto|model|counts)$")
+    query_model_name: str = "query-classifier"
+    query_cache_size: int = Field(10_000, ge=0)  # head queries cached per served version
+    query_categories: int = Field(2, ge=1)  # predicted categories that feed the index's category match
     max_body_bytes: int = Field(16 * 1024, ge=256)
     parallel_ranking: bool = True  # Peri-CR: the creative ranker runs beside the ad ranker
     ad_ranker_creative: str = Field("first", pattern="^(first|none)$")  # creative id the ad ranker sees

@@ -169,6 +169,7 @@ def create_app(
     sink: EventSink | None = None,
     index: AdIndex | None = None,
     loader: ModelLoader | None = None,
+    query_loader: ModelLoader | None = None,
     impressions_topic: str = "impressions",
     metrics: ServeMetrics | None = None,
     ready_checks: Sequence[Callable[[], tuple[str, bool]]] = (),
@@ -177,7 +178,8 @@ def create_app(
     service_kwargs: dict[str, Any] | None = None,
 ) -> FastAPI:
     """Build the ASGI app. ``registry_root`` (default ``settings.registry_dir``) is watched for
-    ``settings.model_name`` unless a ``loader`` is given. ``ready_checks`` add ``(name, ok)`` items
+    ``settings.model_name`` unless a ``loader`` is given, and for ``settings.query_model_name`` (the
+    query classifier, ``online.query``) unless ``settings.query_classifier`` is ``counts``. ``ready_checks`` add ``(name, ok)`` items
     to ``/readyz`` (e.g. the inventory feed caught up). The loader thread starts here
     (``start_loader``) and stops with the app (lifespan) or with ``app.state.close()``."""
     settings = settings or ServeSettings()
@@ -193,22 +195,33 @@ def create_app(
         kw["creative_loader"] = ModelLoader(registry_root or settings.registry_dir, settings.creative_model,
                                             settings.model_poll_s, build=CreativeRankerModel.from_state)
     creative_loader = kw.get("creative_loader")
+    qloader = query_loader
+    if "classifier" not in kw and settings.query_classifier != "counts":  # the query classifier (docs/query.md)
+        from online.index import CountsClassifier
+        from online.query import ModelQueryClassifier
+        from online.query import query_loader as make_query_loader
+
+        if qloader is None:
+            qloader = make_query_loader(registry_root or settings.registry_dir, settings.query_model_name,
+                                        settings.model_poll_s)
+        qloader._on_swap = lambda old, new: metrics.model_swaps.labels(qloader.name).inc()
+        kw["classifier"] = ModelQueryClassifier(qloader, CountsClassifier(index), settings.query_cache_size,
+                                                settings.query_classifier)
     service = AdService(settings, index=index, feature_store=feature_store, loader=loader, sink=sink,
                         impressions_topic=impressions_topic, metrics=metrics, keep_stage_log=keep_stage_log, **kw)
+    loaders = [x for x in (loader, creative_loader, qloader) if x is not None]
     if start_loader:
-        for ldr in (loader, creative_loader):
-            if ldr is not None:
-                ldr.refresh()  # a model that exists now is served from the first request
-                ldr.start()
+        for ldr in loaders:
+            ldr.refresh()  # a model that exists now is served from the first request
+            ldr.start()
 
     closed = threading.Event()
 
     def close() -> None:
         if not closed.is_set():
             closed.set()
-            loader.stop()
-            if creative_loader is not None:
-                creative_loader.stop()
+            for ldr in loaders:
+                ldr.stop()
             service.close()
 
     from contextlib import asynccontextmanager
@@ -227,6 +240,7 @@ def create_app(
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.state.service = service
     app.state.loader = loader
+    app.state.query_loader = qloader
     app.state.index = index
     app.state.metrics = metrics
     app.state.settings = settings

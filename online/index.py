@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from core.events import BidwordChange
 
@@ -177,10 +177,12 @@ class AdIndex:
                     counts[self._ads[ad_id].category] += weight
         return counts
 
-    def candidates(self, matched: list[tuple[str, str]], category: str | None,
+    def candidates(self, matched: list[tuple[str, str]], category: str | Sequence[str] | None,
                    limit: int = 200) -> list[Candidate]:
         """Candidate ads: bidword matches first (exact, then broad; the highest bid per ad), then
-        the predicted leaf category, then its top category; at most ``limit``, best first."""
+        the predicted leaf category (or categories, best first), then their top categories; at
+        most ``limit``, best first."""
+        cats = ([category] if category else []) if isinstance(category, str) else [c for c in (category or ()) if c]
         best: dict[str, tuple[int, float, str, str]] = {}
         with self._lock:
             for w, m in matched:
@@ -189,9 +191,10 @@ class AdIndex:
                     cur = best.get(ad_id)
                     if cur is None or (rank, -bid) < (cur[0], -cur[1]):
                         best[ad_id] = (rank, bid, w, m)
-            if category:
-                for m, pool in (("category", self._by_category.get(category, ())),
-                                ("related", self._by_top.get(top_of(category), ()))):
+            pools = [("category", self._by_category.get(c, ())) for c in cats]
+            pools += [("related", self._by_top.get(t, ())) for t in dict.fromkeys(top_of(c) for c in cats)]
+            if pools:
+                for m, pool in pools:
                     if len(best) >= limit:
                         break
                     for ad_id in pool:

@@ -283,17 +283,28 @@ class AdService:
         if event_time is None:
             event_time = self.clock()
 
-        # 1. query understanding
+        # 1. query understanding (the served query classifier, else counts: `query_understanding`)
         matched = self.rewriter.rewrite(req.query)
+        categories: list[str] = []
+        query_version = None
         try:
-            category = self.classifier.classify(req.query, matched)
+            understand = getattr(self.classifier, "understand", None)
+            if understand is not None:
+                categories, q_degraded, query_version = understand(req.query, matched)
+                if q_degraded:
+                    degraded.append("query_understanding")
+            else:
+                c = self.classifier.classify(req.query, matched)
+                categories = [c] if c else []
         except Exception as e:  # noqa: BLE001
             log.warning("query classifier failed: %s", e)
-            category, _ = None, degraded.append("query_understanding")
+            degraded.append("query_understanding")
+        category = categories[0] if categories else None
         t1 = time.perf_counter(); stages["query"] = t1 - t0  # noqa: E702
 
-        # 2. candidates
-        cands = self.index.candidates(matched, category, self.settings.max_candidates)
+        # 2. candidates (bidword matches, then the predicted categories)
+        cands = self.index.candidates(matched, categories[: self.settings.query_categories] or None,
+                                      self.settings.max_candidates)
         t2 = time.perf_counter(); stages["retrieve"] = t2 - t1  # noqa: E702
         m.candidates.observe(len(cands))
 
@@ -376,6 +387,8 @@ class AdService:
         # 5. eCPM = pCTR x bid, top slots with their best creative
         order = sorted(range(len(cands)), key=lambda j: (-ranked.pctr[j] * cands[j].bid, cands[j].ad_id))
         versions = {"ctr": ranked.version, **choice.versions(self.creative.exploration)}
+        if query_version is not None:
+            versions["query"] = query_version
         ads_out, imps = [], []
         for position, j in enumerate(order[: req.slots]):
             c = cands[j]

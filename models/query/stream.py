@@ -271,6 +271,10 @@ class QueryStreamModel:
             out[i] = sorted(((leaves[j], float(p[j])) for j in s), key=lambda x: -x[1])
         return out
 
+    def head_queries(self, n: int) -> list[str]:
+        """The ``n`` queries with the most (decayed) clicks in the buffer: the serving cache's warm set."""
+        return sorted(self.buffer, key=lambda q: (-self.buffer[q]["clicks"], q))[:n]
+
     @property
     def labels(self) -> list[str]:
         return list(self.clf.space.leaves) if self.clf is not None else []
