@@ -92,7 +92,9 @@ def test_predicted_categories_feed_retrieval_when_no_bidword_matches(client, pub
     out = ads(c, q).json()
     tops = {x.split("/")[0] for x in cats}
     assert out["ads"] and all(a["category"].split("/")[0] in tops for a in out["ads"])  # category + related
-    assert any(a["category"] in cats for a in out["ads"])
+    pool = svc.index.candidates([], cats[: svc.settings.query_categories])
+    assert any(c.match == "category" and c.category in cats for c in pool)
+    assert {a["ad_id"] for a in out["ads"]} <= {c.ad_id for c in pool}
     base = create_app(settings(query_classifier="counts"), registry_root=tmp_path, sink=ListSink(), index=world_index())
     with TestClient(base) as bc:
         assert ads(bc, q).json()["ads"] == []  # the counts baseline has no category for it

@@ -129,6 +129,7 @@ class QueryStreamModel:
         if self.clf is not None and new == old:
             return False
         space = LabelSpace.build(new, self.config.hierarchy_sep)
+        torch.manual_seed(self.config.seed)  # the same stream gives the same model
         enc = self.clf.encoder if self.clf is not None else self._encoder()
         clf = QueryClassifier(self.scfg, space, enc)
         clf.threshold, clf.max_labels = self.config.threshold, self.config.max_labels
