@@ -120,8 +120,12 @@ def _run(args: argparse.Namespace) -> int:
         print("error: --traffic, --rate and --history must be positive, --window-examples >= 10", file=sys.stderr)
         return 2
     s = settings_from_args(args)
-    root = Path(s.state_dir) / "demo"
-    out_dir = Path(args.out) if args.out else Path(s.state_dir) / "demo-report"
+    if args.config:  # the workers read settings from the environment: the same file, from anywhere
+        import os
+
+        os.environ["ADSTREAM_CONFIG"] = str(Path(args.config).resolve())
+    root = (Path(s.state_dir) / "demo").resolve()
+    out_dir = (Path(args.out) if args.out else Path(s.state_dir) / "demo-report").resolve()
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)

@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--drift", default="all",
                    help="all (default), none, or a comma list of abrupt,gradual,new_ads,trending")
     s.add_argument("--start-time", metavar="T",
-                   help="event time of the start: epoch seconds, an ISO date, or 'now' "
+                   help="event time of the start: epoch seconds, an ISO date, 'now' or 'now-SECONDS' "
                         "(default: the world's fixed epoch, 2023-11-14T22:13:20Z)")
     s.add_argument("--initial-inventory", action="store_true",
                    help="also emit the initial bidword inventory as bidword-change events")
@@ -109,10 +109,14 @@ def _start_time(value: str | None) -> float | None:
 
     if value is None:
         return None
-    if value == "now":
+    if value == "now" or value.startswith("now-"):
         import time
 
-        return float(int(time.time()))
+        try:
+            back = float(value[4:]) if value != "now" else 0.0
+        except ValueError:
+            raise ConfigError(f"--start-time {value!r}: use now-SECONDS, e.g. now-900") from None
+        return float(int(time.time() - back))
     try:
         return float(value)
     except ValueError:
@@ -124,7 +128,7 @@ def _start_time(value: str | None) -> float | None:
         ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts
         return ts.timestamp()
     except (ValueError, TypeError):
-        raise ConfigError(f"--start-time {value!r}: use epoch seconds, an ISO date or 'now'") from None
+        raise ConfigError(f"--start-time {value!r}: use epoch seconds, an ISO date, 'now' or 'now-SECONDS'") from None
 
 
 def build_source(args: argparse.Namespace) -> Any:

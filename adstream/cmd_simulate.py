@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "at their event time. The service logs the impressions itself, so the joiner, the feature "
         "updater and the trainer learn from this traffic.",
     )
-    p.add_argument("--url", default="http://127.0.0.1:8080", help="the service (default %(default)s)")
+    p.add_argument("--url", help="the service (default: http://serve.host:serve.port from the settings, "
+                               "http://127.0.0.1:8080)")
     p.add_argument("--world-seed", type=int, default=7,
                    help="seed of the synthetic world; use the one `adstream serve --world-seed` loaded (default 7)")
     p.add_argument("--duration", type=float, default=60.0, metavar="S", help="seconds of traffic (default 60)")
@@ -53,6 +54,7 @@ def _run(args: argparse.Namespace) -> int:
               "--max-wait not negative", file=sys.stderr)
         return 2
     s = settings_from_args(args)
+    args.url = args.url or f"http://{s.serve.host}:{s.serve.port}"
     bootstrap = resolve_bootstrap(s)
     from core.creatives import CreativeContentConfig
 

@@ -30,7 +30,6 @@ from core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _csv(s: str | None) -> list[str]:
@@ -188,14 +187,14 @@ def launch(spec: dict[str, Any], nproc: int, timeout: float = 3600.0, echo: bool
         "--master-addr", "127.0.0.1", "--master-port", str(port),
         "-m", "adstream.cmd_train_dist", "--worker", str(spec_path),
     ]  # fmt: skip
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = str(spec["threads"])
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    from adstream.procs import child_env
+
+    env = child_env({"OMP_NUM_THREADS": str(spec["threads"])})
     log.info("launching %d process(es), backend %s, sharding %s, master 127.0.0.1:%d", nproc, spec["backend"], spec["sharding"], port)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
-            cmd, env=env, cwd=str(REPO_ROOT), timeout=timeout,
+            cmd, env=env, timeout=timeout,
             stdout=None if echo else subprocess.PIPE, stderr=subprocess.STDOUT if not echo else None, text=True,
         )  # fmt: skip
     except subprocess.TimeoutExpired as e:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -85,12 +84,12 @@ class Loop:
 
 
 def _spawn(loop: Loop, name: str, cmd: list[str], env_extra: dict[str, str] | None = None) -> subprocess.Popen:
+    from adstream.procs import child_env
+
     logs = loop.root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or loop.env))
-    root_dir = Path(__file__).resolve().parent.parent
-    env["PYTHONPATH"] = str(root_dir) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    p = subprocess.Popen(cmd, env=env, cwd=root_dir, stdout=open(logs / f"{name}.log", "wb"),
+    # the caller's working directory and absolute paths: the same files as this process, from anywhere
+    p = subprocess.Popen(cmd, env=child_env(env_extra or loop.env), stdout=open(logs / f"{name}.log", "wb"),
                          stderr=subprocess.STDOUT)
     loop.procs[name] = p
     return p
@@ -168,7 +167,7 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
     from streams.traffic import simulate_traffic
 
     cfg = cfg or LoopConfig()
-    root = Path(root)
+    root = Path(root).resolve()  # every path given to a worker is absolute
     root.mkdir(parents=True, exist_ok=True)
     topics = settings.kafka.topics
     loop = Loop(root, env={f"ADSTREAM_KAFKA__TOPICS__{k.upper()}": v for k, v in topics.model_dump().items()})
