@@ -104,7 +104,9 @@ def build_app(settings, *, bootstrap: str | None, world=None, initial_inventory:
         except Exception as e:  # noqa: BLE001 - the service starts even when the broker does not answer
             log.warning("could not make sure the topics exist on %s: %s", bootstrap, e)
         sink = KafkaEventSink(bootstrap, buffer=settings.serve.impression_buffer,
-                              timeout_ms=settings.serve.impression_timeout_ms)
+                              timeout_ms=settings.serve.impression_timeout_ms,
+                              spool_dir=settings.serve.impression_spool_dir,
+                              spool_max_bytes=settings.serve.impression_spool_max_bytes)
         closers.append(sink.close)
         feed = InventoryFeed(bootstrap, topics.bidword_inventory, index.apply).start()
         closers.append(feed.stop)

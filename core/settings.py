@@ -242,8 +242,13 @@ class ServeSettings(BaseModel):
     creative_cache_refresh_s: float = Field(5.0, gt=0)
     feature_timeout_s: float = Field(0.1, gt=0)  # a feature read slower than this is given up (degraded)
     feature_retry_s: float = Field(1.0, ge=0)  # after a failed feature read, skip the store this long
-    impression_buffer: int = Field(100_000, ge=1)  # impression records held while the broker is slow
-    impression_timeout_ms: int = Field(30_000, ge=100)  # undelivered after this: dropped and counted
+    impression_buffer: int = Field(100_000, ge=1)  # impression records held in memory while the broker is slow
+    # undelivered after this: written to the on-disk spool, sent again once the broker answers
+    impression_timeout_ms: int = Field(5_000, ge=100)
+    # the impression spool (streams/spool.py): survives a broker outage and a restart of the service;
+    # records are dropped (loudly, adstream_serve_impression_log_dropped_total) only when it is full
+    impression_spool_dir: Path | None = Path(".adstream/impression-spool")
+    impression_spool_max_bytes: int = Field(1 << 30, ge=4096)
 
 
 class MetricsSettings(BaseModel):

@@ -247,6 +247,8 @@ def create_app(
     app.state.close = close
     AdRequest = request_model(settings)
     inventory_changes = CounterFrom(metrics.inventory_changes)
+    impressions_dropped = CounterFrom(metrics.impression_log_dropped)
+    impressions_spooled = CounterFrom(metrics.impression_log_spooled)
     bearer = HTTPBearer(auto_error=False)
 
     @app.exception_handler(RequestValidationError)
@@ -315,7 +317,9 @@ def create_app(
         metrics.model_age.labels(loader.name).set(age if math.isfinite(age) else -1)
         metrics.model_version.labels(loader.name).set(_version_number(m.version) if m else 0)
         if sink is not None:
-            metrics.impression_log_dropped.set(getattr(sink, "dropped", 0))
+            impressions_dropped.update(getattr(sink, "dropped", 0))
+            impressions_spooled.update(getattr(sink, "spooled", 0))
+            metrics.impression_log_spool_bytes.set(getattr(sink, "spool_bytes", 0))
             metrics.impression_log_pending.set(getattr(sink, "pending", 0))
             metrics.impression_log_lag.set(getattr(sink, "last_latency_s", 0.0))
         inventory_changes.update(index.changes_applied)

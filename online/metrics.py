@@ -39,9 +39,14 @@ class ServeMetrics:
             f"{NS}_serve_model_swaps", "Model versions swapped in", ["model"], registry=r)
         self.impressions_logged = Counter(
             f"{NS}_serve_impressions_logged", "Impression records handed to the event sink", registry=r)
-        self.impression_log_dropped = Gauge(
-            f"{NS}_serve_impression_log_dropped", "Impression records dropped by the event sink "
-            "(buffer full or undelivered in time)", registry=r)
+        self.impression_log_dropped = Counter(
+            f"{NS}_serve_impression_log_dropped", "Impression records lost by the event sink "
+            "(undelivered and the on-disk spool full or absent)", registry=r)
+        self.impression_log_spooled = Counter(
+            f"{NS}_serve_impression_log_spooled", "Impression records written to the on-disk spool "
+            "(the broker did not take them in time); sent again once it answers", registry=r)
+        self.impression_log_spool_bytes = Gauge(
+            f"{NS}_serve_impression_log_spool_bytes", "Bytes waiting in the impression spool", registry=r)
         self.impression_log_pending = Gauge(
             f"{NS}_serve_impression_log_pending", "Impression records waiting for delivery", registry=r)
         self.impression_log_lag = Gauge(

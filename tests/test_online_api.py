@@ -146,7 +146,7 @@ def test_health_ready_metrics(app_client):
                  "adstream_serve_requests_total{outcome=\"invalid\"} 1.0",
                  "adstream_serve_candidates_count 1.0", "adstream_serve_degraded_total{component=\"features\"}",
                  "adstream_serve_feature_read_seconds_count", "adstream_serve_model_age_seconds{model=\"ctr\"}",
-                 "adstream_serve_model_version{model=\"ctr\"} 1.0", "adstream_serve_impression_log_dropped"):
+                 "adstream_serve_model_version{model=\"ctr\"} 1.0", "adstream_serve_impression_log_dropped_total 0.0"):
         assert name in text, name
     assert c.get("/openapi.json").json()["paths"]["/v1/ads"]["post"]
 
