@@ -69,6 +69,20 @@ def decode_example(raw: bytes | None, now: float) -> Decoded:
     return ex.key, ex.event_time, ex.to_dict()
 
 
+def decode_examples(raws: list[bytes | None], now: float) -> list[Decoded | InvalidRecord]:
+    """:func:`decode_example` for a whole consumed batch at once (``core.codec``: one C pass per
+    record, no dataclass; the same records and dead letters, tested in tests/test_codec.py)."""
+    from core.codec import decode_batch
+
+    recs, errors = decode_batch(raws, Example, now)
+    out: list[Decoded | InvalidRecord] = [
+        (f"{d['request_id']}:{d['ad_id']}", d["event_time"], d) if d is not None else None  # type: ignore[misc]
+        for d in recs]
+    for i, err in errors:
+        out[i] = err
+    return out  # type: ignore[return-value]
+
+
 @dataclass
 class WorkerConfig:
     """Everything the worker needs besides the model (``streams.trainer`` builds it from settings)."""
@@ -90,6 +104,9 @@ class WorkerConfig:
     group_id: str = "adstream-trainer"
     worker: str = "trainer"
     decoder: Callable[[bytes | None, float], Decoded] = decode_example
+    # a whole consumed batch at once: raws, clock -> per record a Decoded or its InvalidRecord;
+    # used instead of ``decoder`` when set (the default decoder's batch twin is ``decode_examples``)
+    batch_decoder: Callable[[list[bytes | None], float], list[Decoded | InvalidRecord]] | None = None
     dead_letter_wait_s: float = 5.0  # per checkpoint, for dead-letter acknowledgements before postponing
 
 
@@ -265,13 +282,26 @@ class ModelWorker:
         return True
 
     # ---- per record ----------------------------------------------------------------------------
-    def _handle(self, msg: Any, now: float) -> None:
+    def _decode_all(self, msgs: list[Any], now: float) -> list[Any] | None:
+        """Every record of a consumed batch decoded at once (``batch_decoder``), else None."""
+        bd = self.cfg.batch_decoder
+        if bd is None and self.cfg.decoder is decode_example:
+            bd = decode_examples
+        if bd is None:
+            return None
+        return bd([m.value() for m in msgs], now)
+
+    def _handle(self, msg: Any, now: float, decoded: Any = None) -> None:
         part, off = msg.partition(), msg.offset()
         raw = msg.value()
         self.records += 1
         self.metrics.worker.records_in.labels(self.cfg.worker, self.topic).inc()
         try:
-            key, event_time, rec = self.cfg.decoder(raw, now)
+            if decoded is None:
+                decoded = self.cfg.decoder(raw, now)
+            elif isinstance(decoded, InvalidRecord):
+                raise decoded
+            key, event_time, rec = decoded
         except InvalidRecord as err:
             self.dead += 1
             self.dead_letters.write(self.topic, part, off, raw, err)
@@ -393,13 +423,12 @@ class ModelWorker:
                      else f"windows of {cfg.window_examples} examples", cfg.registry_dir)
             last_msg = last_lag = time.monotonic()
             while not stop_event.is_set():
-                msgs = consumer.consume(num_messages=1000, timeout=0.1)
+                msgs = [m for m in consumer.consume(num_messages=1000, timeout=0.1) if not is_error(m)]
                 now = self.clock()
+                decoded = self._decode_all(msgs, now) if msgs else None
                 try:
-                    for m in msgs:
-                        if is_error(m):
-                            continue
-                        self._handle(m, now)
+                    for i, m in enumerate(msgs):
+                        self._handle(m, now, decoded[i] if decoded is not None else None)
                         if cfg.max_windows is not None and self.windows_this_run >= cfg.max_windows:
                             raise _Stop("max_windows")
                         if stop_event.is_set():
