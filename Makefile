@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip --disable-pip-version-check
 
-.PHONY: all install demo test test-fast clean
+.PHONY: all install demo test test-fast bench clean
 
 all: install
 
@@ -16,7 +16,7 @@ $(STAMP): requirements/base.txt requirements/constraints.txt pyproject.toml
 	# torchrec's metadata asks for the CUDA fbgemm-gpu; its real deps are in base.txt
 	$(PIP) install --no-deps -c requirements/constraints.txt torchrec
 	$(PIP) install --no-deps -e .
-	$(BIN)/python -c "import torch, fbgemm_gpu, torchrec, faust, feast, kafka, confluent_kafka" 
+	$(BIN)/python -c "import torch, fbgemm_gpu, torchrec, faust, feast, confluent_kafka, msgspec" 
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,6 +27,13 @@ demo: install
 test: install
 	$(BIN)/adstream broker fetch
 	$(BIN)/python -m pytest -q --timeout=900 tests
+
+# short versions of every speed benchmark, one table (ours vs a baseline measured in the same run);
+# JSON in bench/results/bench.json. About 10-15 minutes on the 2-core development machine.
+bench: install
+	$(PIP) install -q -c requirements/constraints.txt -r requirements/bench.txt
+	$(BIN)/adstream broker fetch
+	PYTHONPATH=. $(BIN)/python bench/run_all.py
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -7,8 +7,8 @@ Apache Kafka (the default, ``kind="kafka"``)
     first start only, so a restart keeps topics, records and committed group offsets.
 
     Version choice: 4.1.1 (``BrokerSettings.kafka_version``). Kafka 4.x removed old protocol versions
-    (KIP-896), so every client the project uses was checked against it: kafka-python 3.0.12,
-    confluent-kafka 2.16.1 and aiokafka 0.14.0 (producer idempotent or not, consumer group with
+    (KIP-896), so every client the project uses was checked against it: confluent-kafka 2.16.1 and
+    aiokafka 0.14.0 (kafka-python 3.0.12 too, before it was dropped: ``docs/speed.md``) (producer idempotent or not, consumer group with
     commit) all work, and so does a faust-streaming 0.15.3 app (agent + table + sink topic). The 3.9.x
     line is not needed; it remains selectable with ``kafka_version`` (logging then goes through
     reload4j instead of log4j2).
