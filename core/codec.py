@@ -206,11 +206,7 @@ def decode_events(
 
 
 def _reference_dict(raw: Any, expected: type[Event], now: float | None, max_future_s: float) -> dict[str, Any]:
-    if max_future_s == MAX_FUTURE_S:
-        ev = decode(raw, expected, now=now)
-    else:  # pragma: no cover - when core.events.decode takes max_future_s
-        ev = decode(raw, expected, now=now, max_future_s=max_future_s)  # type: ignore[call-arg]
-    return ev.to_dict()
+    return decode(raw, expected, now=now, max_future_s=max_future_s).to_dict()
 
 
 def decode_one(raw: bytes | None, expected: type[Event], now: float | None = None) -> dict[str, Any]:

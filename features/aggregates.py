@@ -142,6 +142,11 @@ class AggregateState:
         self._apply(click.event_time, True, (click.user_id, click.ad_id, click.creative_id,
                                              click.query, click.bidword, click.category))
 
+    def apply_record(self, rec: dict[str, Any]) -> None:
+        """An impression or click as a decoded dict (``Event.to_dict()`` shape, ``core.codec``)."""
+        self._apply(rec["event_time"], rec["type"] == "click", (rec["user_id"], rec["ad_id"], rec["creative_id"],
+                                                                 rec["query"], rec["bidword"], rec["category"]))
+
     def _apply(self, t: float, click: bool, keys: tuple[str, ...]) -> None:
         self.events_applied += 1
         ev = (t, click)

@@ -5,7 +5,7 @@ group rebalancing). Scaling out needs the input repartitioned by entity key firs
 type's rows would then live in exactly one worker); that is future work.
 
 Loop
-    consume -> ``core.events.decode`` (bad record -> dead-letter topic with the reason, counted,
+    consume -> ``core.codec.decode_batch`` per consumed batch (bad record -> dead-letter topic with the reason, counted,
     never a crash) -> :class:`features.aggregates.AggregateState` -> every
     ``features.flush_interval_s`` the dirty rows are pushed to the online store, one write per entity
     type.
@@ -40,7 +40,8 @@ from confluent_kafka import Consumer, TopicPartition
 
 from core import atomic
 from core.errors import AdstreamError, ConfigError, InvalidRecord
-from core.events import Click, Impression, decode, record_time
+from core.codec import decode_batch
+from core.events import Click, Impression, record_time
 from core.logs import setup_logging, verbosity_from_env
 from core.metrics import WorkerMetrics
 from core.settings import Settings, load_settings
@@ -133,7 +134,23 @@ class FeatureUpdater:
                  self.state.events_applied, sorted(self.offsets.items()))
 
     # ---- per record ----------------------------------------------------------------------------
-    def _handle(self, msg: Any, now: float) -> None:
+    def _decode_batch(self, msgs: list[Any], now: float) -> list[Any]:
+        """Every record of a consumed batch decoded at once, per topic (``core.codec``: the same
+        records and dead letters as ``core.events.decode``): a dict or its InvalidRecord."""
+        out: list[Any] = [None] * len(msgs)
+        by_topic: dict[str, list[int]] = {}
+        for i, m in enumerate(msgs):
+            by_topic.setdefault(m.topic(), []).append(i)
+        for topic, idx in by_topic.items():
+            recs, errors = decode_batch([msgs[i].value() for i in idx], self.expected[topic],
+                                        [record_time(msgs[i].timestamp(), now) for i in idx])
+            for j, d in enumerate(recs):
+                out[idx[j]] = d
+            for j, err in errors:
+                out[idx[j]] = err
+        return out
+
+    def _handle(self, msg: Any, now: float, dec: Any = None) -> None:
         topic, part, off = msg.topic(), msg.partition(), msg.offset()
         raw = msg.value()
         self.offsets[(topic, part)] = off + 1
@@ -143,15 +160,12 @@ class FeatureUpdater:
             counter = self._records_in[topic] = self.metrics.records_in.labels(WORKER, topic)
         counter.inc()
         ts_type, ts_ms = msg.timestamp()
-        try:  # the record's own timestamp is the clock: the same answer when it is read again
-            event = decode(raw, self.expected[topic], now=record_time((ts_type, ts_ms), now))
-        except InvalidRecord as err:
-            self._dead_letter(topic, part, off, raw, err)
+        if dec is None:  # the record's own timestamp is the clock: the same answer when it is read again
+            dec = self._decode_batch([msg], now)[0]
+        if isinstance(dec, InvalidRecord):
+            self._dead_letter(topic, part, off, raw, dec)
             return
-        if isinstance(event, Impression):
-            self.state.apply_impression(event)
-        else:
-            self.state.apply_click(event)  # type: ignore[arg-type]
+        self.state.apply_record(dec)
         if ts_type != 0 and ts_ms > 0:  # 0 = TIMESTAMP_NOT_AVAILABLE
             t = ts_ms / 1000.0
             self._pending_append_ts.append(t)
@@ -248,12 +262,10 @@ class FeatureUpdater:
             last_msg = last_flush = last_ckpt = last_lag = time.monotonic()
             unsaved = False  # something pushed or consumed since the last checkpoint
             while not stop_event.is_set():
-                msgs = consumer.consume(num_messages=5000, timeout=0.05)
+                msgs = [m for m in consumer.consume(num_messages=5000, timeout=0.05) if not is_error(m)]
                 now = time.time()
-                for m in msgs:
-                    if is_error(m):
-                        continue
-                    self._handle(m, now)
+                for m, dec in zip(msgs, self._decode_batch(msgs, now)):
+                    self._handle(m, now, dec)
                 mono = time.monotonic()
                 if msgs:
                     last_msg = mono

@@ -20,7 +20,8 @@ import time
 from confluent_kafka import Consumer, TopicPartition
 
 from core.errors import InvalidRecord
-from core.events import Click, Conversion, Impression, dead_letter_record, decode, record_time
+from core.codec import decode_events
+from core.events import Click, Conversion, Impression, dead_letter_record, record_time
 from core.metrics import WorkerMetrics
 from core.settings import Settings
 from streams import join_offsets
@@ -106,13 +107,12 @@ class KafkaJoiner:
         last_record = last_house = time.monotonic()
         try:
             while not self._stop.is_set():
-                msgs = c.consume(BATCH_MAX, POLL_S)
+                msgs = [m for m in c.consume(BATCH_MAX, POLL_S) if not is_error(m)]
                 now = time.time()
                 mono_now = time.monotonic()
                 touched = set()
-                for m in msgs:
-                    if is_error(m):
-                        continue
+                decoded = self._decode_batch(msgs, now)
+                for m, dec in zip(msgs, decoded):
                     topic, part, off = m.topic(), m.partition(), m.offset()
                     kind = self.kind_of_topic[topic]
                     self.progress.arrived(kind, part, off, mono_now)
@@ -121,20 +121,15 @@ class KafkaJoiner:
                     if ts > 0:
                         latency.observe(max(0.0, now - ts / 1000.0))
                     value = m.value()
-                    t_rec = record_time((ts_type, ts), now)
                     if self.state.told_done and self.state.is_done(kind, part, off):
-                        try:  # done by an earlier owner: only its position and event time count
-                            et = decode(value, self.expected[kind], now=t_rec, max_future_s=self.max_future_s).event_time
-                        except InvalidRecord:
-                            et = None
-                        self.state.skip_done(kind, part, off, et)
+                        # done by an earlier owner: only its position and event time count
+                        self.state.skip_done(kind, part, off, None if isinstance(dec, InvalidRecord) else dec.event_time)
                         continue
-                    try:
-                        ev = decode(value, self.expected[kind], now=t_rec, max_future_s=self.max_future_s)
-                    except InvalidRecord as e:
+                    if isinstance(dec, InvalidRecord):
                         self.state.skip(kind, part, off)
-                        self.state.out.dead.append(DeadLetter(kind, part, off, value or b"", e))
+                        self.state.out.dead.append(DeadLetter(kind, part, off, value or b"", dec))
                         continue
+                    ev = dec
                     self.state.add(kind, part, off, ev)
                     touched.add(part)
                 mono = time.monotonic()
@@ -162,6 +157,23 @@ class KafkaJoiner:
             self.producer.close(30)
 
     # -- helpers ------------------------------------------------------------------------------
+    def _decode_batch(self, msgs: list, now: float) -> list:
+        """Every record of a consumed batch decoded at once, per input topic (``core.codec``: the
+        same events and dead letters as ``core.events.decode``): an event or its InvalidRecord."""
+        out: list = [None] * len(msgs)
+        by_topic: dict[str, list[int]] = {}
+        for i, m in enumerate(msgs):
+            by_topic.setdefault(m.topic(), []).append(i)
+        for topic, idx in by_topic.items():
+            vals = [msgs[i].value() for i in idx]
+            nows = [record_time(msgs[i].timestamp(), now) for i in idx]
+            evs, errors = decode_events(vals, self.expected[self.kind_of_topic[topic]], nows, self.max_future_s)
+            for j, ev in enumerate(evs):
+                out[idx[j]] = ev
+            for j, err in errors:
+                out[idx[j]] = err
+        return out
+
     def _publish(self) -> None:
         out = self.state.out
         if not (out.examples or out.dead or out.stats):
