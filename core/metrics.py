@@ -52,6 +52,14 @@ class WorkerMetrics:
             "Time from an event entering Kafka to its effect being readable in the online store",
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.duplicates = Counter(
+            f"{NS}_duplicates", "Records dropped as duplicates of one already processed (same event id)",
+            ["worker", "topic"], registry=r
+        )
+        self.store_refills = Counter(
+            f"{NS}_store_refills", "Full re-pushes of the online store after it came back without the rows",
+            registry=r
+        )
         self.features_written = Counter(
             f"{NS}_features_written", "Feature rows pushed to the store", ["view"], registry=r
         )

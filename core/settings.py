@@ -88,6 +88,13 @@ class FeatureSettings(BaseModel):
     # False = every online read/write goes through Feast's provider
     fast_path: bool = True
     redis_timeout_s: float = Field(2.0, gt=0)  # socket timeout of the fast path's Redis client
+    # the feature updater counts an event once: event ids seen within this much event time of the
+    # newest are remembered (checkpointed), at most dedup_max_keys of them
+    dedup_horizon_s: float = Field(3600.0, gt=0)
+    dedup_max_keys: int = Field(2_000_000, ge=1000)
+    # how often the updater checks that the online store still holds its rows (a marker key);
+    # a store that came back empty is refilled from the updater's state
+    store_check_s: float = Field(1.0, gt=0)
 
     @field_validator("half_lives_s")
     @classmethod

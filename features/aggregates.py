@@ -298,6 +298,12 @@ class AggregateState:
                 self.dirty[etype].clear()
         return out
 
+    def mark_all_dirty(self) -> int:
+        """Mark every row dirty (the online store lost them: push everything again); returns how many."""
+        self._settle_fields()
+        self.dirty = {e: set(self._rows[e]) for e in ENTITY_TYPES}
+        return sum(len(d) for d in self.dirty.values())
+
     def all_rows(self) -> dict[str, dict[str, list[Any]]]:
         """Every row as in :meth:`dirty_rows` (does not touch the dirty set)."""
         self._settle_fields()

@@ -212,6 +212,45 @@ class FeatureStoreClient:
             self.write_history(rows_by_entity_type, part)
         return written
 
+    # ---- the updater's marker: does the online store still hold what was pushed? ---------------
+    def _marker_redis(self):
+        if self._fast is not None:
+            return self._fast.redis
+        if getattr(self, "_marker_client", None) is None:
+            import redis
+
+            from features.redis_online import parse_redis_url
+
+            kw = parse_redis_url(self.settings.redis_url)
+            kw.setdefault("socket_timeout", self.settings.redis_timeout_s)
+            kw.setdefault("socket_connect_timeout", self.settings.redis_timeout_s)
+            self._marker_client = redis.Redis(**kw)
+        return self._marker_client
+
+    @property
+    def marker_key(self) -> str:
+        return f"adstream:{self.store.config.project}:online-marker"
+
+    def store_marker(self) -> str | None:
+        """The marker last written with :meth:`set_store_marker`, or None when the online store does
+        not have it (a Redis that restarted empty, was flushed, or is new). Always "sqlite" for the
+        sqlite store, whose file does not silently empty."""
+        if self.settings.online_store != "redis":
+            return "sqlite"
+        try:
+            v = self._marker_redis().get(self.marker_key)
+        except _UNAVAILABLE as e:
+            raise self._unavailable(e) from e
+        return v.decode() if v is not None else None
+
+    def set_store_marker(self, value: str) -> None:
+        if self.settings.online_store != "redis":
+            return
+        try:
+            self._marker_redis().set(self.marker_key, value.encode())
+        except _UNAVAILABLE as e:
+            raise self._unavailable(e) from e
+
     def _write_online(self, etype: str, cols: Mapping[str, Sequence[Any]]) -> int:
         """One ``online_write_batch`` for the rows of one feature view.
 

@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +52,7 @@ from features.aggregates import JOIN_KEYS, AggregateState
 from features.repo import view_name
 from features.store import FeatureStoreClient, FeatureStoreUnavailable
 from streams.broker import resolve_bootstrap
+from streams.dedup import EventTimeDedup
 from streams.kafka_io import DeadLetterWriter, assign_from, checkpointed_consumer, export_lag, is_error
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,15 @@ def save_checkpoint(path: Path, data: dict[str, Any]) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
     return atomic.load_checkpoint(path, CHECKPOINT_VERSION, "checkpoint",
                                   "move it away to rebuild the features from the beginning of the topics")
+
+
+def event_id(rec: dict[str, Any]) -> str:
+    """What makes two records the same event (``rec``: a decoded impression or click dict): an
+    impression is one ad on one page; a click also carries its time (two clicks on one ad are two
+    events, a retried record is one)."""
+    if rec["type"] == "impression":
+        return f"i:{rec['request_id']}:{rec['ad_id']}"
+    return f"c:{rec['request_id']}:{rec['ad_id']}:{rec['event_time']!r}"
 
 
 # --------------------------------------------------------------------------- worker
@@ -117,6 +130,16 @@ class FeatureUpdater:
         self._retry_push_at = 0.0  # monotonic time before which no push is tried (backoff)
         self._records_in: dict[str, Any] = {}
         self._processing_latency = self.metrics.processing_latency.labels(WORKER)
+        # event ids already folded (a producer retry or a spooled record delivered twice is the
+        # same event): counted once; checkpointed with the state
+        self.dedup = EventTimeDedup(self.fs.dedup_horizon_s, self.fs.dedup_max_keys)
+        self.duplicates = 0
+        self._duplicates: dict[str, Any] = {}
+        # the marker this process left in the online store; a store without it lost the rows
+        self.marker = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._marker_ok = False  # the store holds every row this state has (checked every store_check_s)
+        self.refills = 0
+        self._lock_fd: int | None = None
 
     # ---- setup ---------------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -128,6 +151,8 @@ class FeatureUpdater:
             raise ConfigError(f"checkpoint {self.ckpt_path} was made with half-lives "
                               f"{data['state']['half_lives']}, settings say {self.fs.half_lives_s}")
         self.state = AggregateState.restore(data["state"])
+        if data.get("dedup") is not None:
+            self.dedup = EventTimeDedup.from_state(data["dedup"], self.fs.dedup_horizon_s, self.fs.dedup_max_keys)
         self.offsets = {tuple(k): v for k, v in data["offsets"]}
         self.seq = int(data["seq"])
         log.info("restored checkpoint #%d: %d events, offsets %s", self.seq,
@@ -164,6 +189,13 @@ class FeatureUpdater:
             dec = self._decode_batch([msg], now)[0]
         if isinstance(dec, InvalidRecord):
             self._dead_letter(topic, part, off, raw, dec)
+            return
+        if self.dedup.seen_or_add(event_id(dec), dec["event_time"]):
+            self.duplicates += 1
+            c = self._duplicates.get(topic)
+            if c is None:
+                c = self._duplicates[topic] = self.metrics.duplicates.labels(WORKER, topic)
+            c.inc()
             return
         self.state.apply_record(dec)
         if ts_type != 0 and ts_ms > 0:  # 0 = TIMESTAMP_NOT_AVAILABLE
@@ -237,6 +269,7 @@ class FeatureUpdater:
             "seq": seq,
             "offsets": sorted([list(k), v] for k, v in self.offsets.items()),
             "state": self.state.snapshot(),
+            "dedup": self.dedup.state(),
             "written_at": time.time(),
         })
         self.seq = seq
@@ -253,13 +286,23 @@ class FeatureUpdater:
         """Consume until ``stop_event`` is set, or until nothing arrived for ``max_idle_s`` seconds
         (after a final flush and checkpoint). Returns counters."""
         stop_event = stop_event or threading.Event()
+        self._lock_state_dir()
+        try:
+            return self._run(stop_event, max_idle_s)
+        finally:
+            self._unlock_state_dir()
+
+    def _run(self, stop_event: threading.Event, max_idle_s: float | None) -> dict[str, Any]:
         self._restore()
+        # the store may have lost rows while no updater ran (a Redis restarted meanwhile): the
+        # first check finds no marker and pushes every row once
         consumer = self._consumer = checkpointed_consumer(self.bootstrap, GROUP_ID, self.settings.kafka)
         try:
             tps = assign_from(consumer, self.bootstrap, self.expected, lambda t, p: self.offsets.get((t, p)))
             log.info("feature updater on %s: %d partitions, online store %s, flush every %.2fs",
                      self.bootstrap, len(tps), self.fs.online_store, self.fs.flush_interval_s)
             last_msg = last_flush = last_ckpt = last_lag = time.monotonic()
+            last_check = -math.inf
             unsaved = False  # something pushed or consumed since the last checkpoint
             while not stop_event.is_set():
                 msgs = [m for m in consumer.consume(num_messages=5000, timeout=0.05) if not is_error(m)]
@@ -270,9 +313,14 @@ class FeatureUpdater:
                 if msgs:
                     last_msg = mono
                     unsaved = True
+                if mono - last_check >= self.fs.store_check_s:
+                    self.check_store()
+                    last_check = mono
                 if self.state.has_dirty() and mono - last_flush >= self.fs.flush_interval_s:
                     self.flush()
                     last_flush = mono
+                    if not self._marker_ok and not self.state.has_dirty():
+                        self._mark_store()
                 if unsaved and not self.state.has_dirty() and mono - last_ckpt >= self.checkpoint_every_s:
                     if self.checkpoint(timeout_s=2.0):
                         unsaved = False
@@ -298,7 +346,68 @@ class FeatureUpdater:
                 log.error("%d dead letters undelivered at exit: not in the checkpoint, so the next run "
                           "reads their records again", left)
         return {"records": self.records, "dead_letters": self.dead, "checkpoint_seq": self.seq,
-                "events_applied": self.state.events_applied}
+                "events_applied": self.state.events_applied, "duplicates": self.duplicates,
+                "refills": self.refills}
+
+    # ---- the online store lost its rows? ---------------------------------------------------------
+    def check_store(self) -> None:
+        """If the online store does not hold this process's marker (a Redis that restarted empty or
+        was flushed, or the first check after a start), mark every row dirty: the next flush pushes
+        them all and then writes the marker. A store that does not answer is left to the push's
+        retry."""
+        try:
+            marker = self.client.store_marker()
+        except FeatureStoreUnavailable:
+            return
+        if marker is not None:
+            if not self._marker_ok:  # at start: the store still holds what the last updater pushed
+                self.marker, self._marker_ok = marker, True
+            elif marker == self.marker or marker == "sqlite":
+                pass
+            else:
+                log.warning("online store marker %r is not this updater's %r: is another updater writing "
+                            "to the same store?", marker, self.marker)
+            return
+        n = self.state.mark_all_dirty()
+        self._retry_push_at = 0.0  # at once, not after the outage backoff
+        if n:
+            log.warning("online store (%s) does not hold this updater's rows (restarted empty, flushed or "
+                        "new): pushing all %d rows again", self.fs.online_store, n)
+            self.refills += 1
+            self.metrics.store_refills.inc()
+        self._marker_ok = False
+
+    def _mark_store(self) -> None:
+        try:
+            self.client.set_store_marker(self.marker)
+        except FeatureStoreUnavailable:
+            return
+        self._marker_ok = True
+
+    # ---- one updater per state directory ---------------------------------------------------------
+    def _lock_state_dir(self) -> None:
+        """An exclusive lock on the checkpoint directory: a second updater on it would overwrite
+        this one's checkpoints (and both push the same rows)."""
+        import fcntl
+
+        d = Path(self.fs.checkpoint_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(f"another feature updater (pid {holder}) uses the state directory {d}; "
+                              "give each updater its own --checkpoint-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock_state_dir(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
 
 def run(settings: Settings, stop_event: threading.Event | None = None, max_idle_s: float | None = None,

@@ -19,7 +19,7 @@ from core.settings import FeatureSettings, KafkaSettings, Settings
 from features.aggregates import AggregateState
 from online.app import create_app, serve_in_thread
 from online.index import world_inventory
-from tests.harness import RedisServer, RedisUnavailable, free_port, wait_for
+from tests.harness import RedisServer, free_port, wait_for
 from tests.test_online_common import queries, settings, world, world_index
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,19 +33,23 @@ def _post(h: httpx.Client, q: str, user: str = "u00001", slots: int = 3) -> http
 @pytest.mark.redis
 def test_feature_store_outage_degrades_then_recovers(tmp_path, one_torch_thread):
     """Redis is stopped mid-run: every response is still 200, flagged ``features``; when Redis is
-    back (same port) responses carry store features again."""
+    back (same port, empty) and the rows are pushed again (what the feature updater's refill does,
+    tests/test_feature_updater.py), the served impressions carry the store's values again."""
+    from core.ports import ListSink
     from features.store import FeatureStoreClient
 
-    try:
-        redis = RedisServer(tmp_path / "redis").start()
-    except RedisUnavailable as e:
-        pytest.skip(str(e))
+    redis = RedisServer(tmp_path / "redis").start()
+    sink = ListSink()
+
+    def user_impressions(since: int) -> list:
+        return [decode(v, Impression).features.get("user_impressions") for _t, _k, v in sink.records[since:]]
+
     try:
         fs = FeatureStoreClient(FeatureSettings(repo_dir=tmp_path / "repo", online_store="redis",
                                                 redis_url=redis.address, half_lives_s=[3600.0]))
         q = queries(1)[0]
         app = create_app(settings(feature_retry_s=0.2), registry_root=tmp_path / "reg", feature_store=fs,
-                         index=world_index())
+                         index=world_index(), sink=sink)
         ad_ids = [c.ad_id for c in app.state.index.candidates(app.state.service.rewriter.rewrite(q), None)]
         t0 = world().config.epoch
         state = AggregateState([3600.0])
@@ -77,6 +81,7 @@ def test_feature_store_outage_degrades_then_recovers(tmp_path, one_torch_thread)
             t.start()
             wait_for(lambda: len(results) > 10, 30, what="first responses")
             assert all(code == 200 and "features" not in d for code, d in results), results[:5]
+            assert set(user_impressions(0)) == {50}  # the user's row as pushed: 5 ads x 10
             redis.stop()
             n_stop = len(results)
             wait_for(lambda: len(results) > n_stop + 20, 30, what="responses while Redis is down")
@@ -84,9 +89,12 @@ def test_feature_store_outage_degrades_then_recovers(tmp_path, one_torch_thread)
             assert all(code == 200 for code, _ in results), [c for c, _ in results if c != 200][:5]
             assert all("features" in d for _, d in down), down[:5]
             assert max(took[n_stop:]) < 2.0  # the read deadline bounds a request, however the store fails
-            redis = RedisServer(tmp_path / "redis2", port=redis.port).start()
+            redis = RedisServer(tmp_path / "redis2", port=redis.port).start()  # empty
             n_back = len(results)
-            wait_for(lambda: any("features" not in d for _, d in results[n_back:]), 30, what="recovery")
+            wait_for(lambda: any("features" not in d for _, d in results[n_back:]), 30, what="store answers")
+            fs.push(state.all_rows(), to="online")  # the refill
+            n_sink = len(sink.records)
+            wait_for(lambda: 50 in user_impressions(n_sink), 30, what="store values served again")
             with httpx.Client(base_url=srv.url, timeout=10) as h:
                 text = h.get("/metrics").text
             assert 'adstream_serve_degraded_total{component="features"}' in text
