@@ -249,6 +249,14 @@ class ServeSettings(BaseModel):
     creative_cache_refresh_s: float = Field(5.0, gt=0)
     feature_timeout_s: float = Field(0.1, gt=0)  # a feature read slower than this is given up (degraded)
     feature_retry_s: float = Field(1.0, ge=0)  # after a failed feature read, skip the store this long
+    # a client's context.event_time must lie within [now - behind, now + ahead] of the service's
+    # clock (else 422): an event time in the future would move the joiner's watermark for everyone
+    event_time_max_ahead_s: float = Field(5.0, ge=0)
+    event_time_max_behind_s: float = Field(600.0, ge=0)
+    # a client-chosen request_id seen again within this long (at most request_id_memory of them) is
+    # refused with 409: every page's impressions need their own id
+    request_id_memory_s: float = Field(3600.0, gt=0)
+    request_id_memory: int = Field(1_000_000, ge=1)
     impression_buffer: int = Field(100_000, ge=1)  # impression records held in memory while the broker is slow
     # undelivered after this: written to the on-disk spool, sent again once the broker answers
     impression_timeout_ms: int = Field(5_000, ge=100)

@@ -277,12 +277,33 @@ def create_app(
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
 
+    recent_ids = RecentIds(settings.request_id_memory, settings.request_id_memory_s)
+
     @app.post("/v1/ads", response_model=AdResponse, summary="Ads for one search result page",
-              responses={413: {"description": "body too large"}, 422: {"description": "invalid request"}})
-    def post_ads(body: AdRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+              responses={409: {"description": "request_id already used"}, 413: {"description": "body too large"},
+                         422: {"description": "invalid request (also: context.event_time out of bounds)"}})
+    def post_ads(body: AdRequest) -> Any:  # type: ignore[valid-type]
+        context = body.context or {}
+        et = context.get("event_time")
+        if isinstance(et, (int, float)) and not isinstance(et, bool):
+            now = service.clock()
+            lo, hi = now - settings.event_time_max_behind_s, now + settings.event_time_max_ahead_s
+            if not lo <= et <= hi:
+                metrics.requests.labels("invalid").inc()
+                return JSONResponse({"detail": [{
+                    "loc": ["body", "context", "event_time"], "type": "value_error",
+                    "msg": f"event_time {et!r} is {et - now:+.0f}s from the service clock; allowed: "
+                           f"{settings.event_time_max_behind_s:g}s behind to {settings.event_time_max_ahead_s:g}s "
+                           "ahead (an event time in the future would make other clicks late)"}]},
+                    status_code=422)
+        if body.request_id is not None and not recent_ids.add(body.request_id, time.monotonic()):
+            metrics.requests.labels("invalid").inc()
+            return JSONResponse({"detail": f"request_id {body.request_id!r} was already used; every page "
+                                           "needs its own (clicks are matched to impressions by it)"},
+                                status_code=409)
         req = AdRequestData(user_id=body.user_id, query=body.query, slots=body.slots,
                             domain=body.domain or settings.domains[0], request_id=body.request_id,
-                            context=body.context or {})
+                            context=context)
         return service.handle(req)
 
     @app.get("/healthz", summary="Liveness")
@@ -383,6 +404,30 @@ NOT_READY = {
            "--initial-inventory, or start the service with --world-seed N --initial-inventory world)",
     "inventory": "the inventory feed has not read the bidword-inventory topic to its end yet",
 }
+
+
+class RecentIds:
+    """Client-chosen request ids seen in the last ``max_age_s`` (at most ``capacity``): a reused one
+    would give two pages' impressions the same (request, ad) keys, and the joiner keeps only one."""
+
+    def __init__(self, capacity: int, max_age_s: float) -> None:
+        from collections import OrderedDict
+
+        self.capacity = capacity
+        self.max_age_s = max_age_s
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, rid: str, now: float) -> bool:
+        """False when ``rid`` was seen within the memory (nothing changes); otherwise remembers it."""
+        with self._lock:
+            seen = self._seen
+            while seen and (len(seen) >= self.capacity or now - next(iter(seen.values())) > self.max_age_s):
+                seen.popitem(last=False)
+            if rid in seen:
+                return False
+            seen[rid] = now
+            return True
 
 
 def _version_number(version: str) -> int:

@@ -85,11 +85,38 @@ def test_valid_request_returns_ranked_ads_with_creatives(app_client, registry):
 
 def test_request_id_generated_and_event_time_from_context(app_client):
     c, _, sink = app_client
-    r = c.post("/v1/ads", json=body(slots=1, context={"event_time": 1_700_000_123.5, "page": "p1"}))
+    t = round(time.time() - 30.0, 3)
+    r = c.post("/v1/ads", json=body(slots=1, context={"event_time": t, "page": "p1"}))
     assert r.status_code == 200
     rid = r.json()["request_id"]
     assert rid and decode(sink.records[-1][2]).request_id == rid
-    assert decode(sink.records[-1][2]).event_time == 1_700_000_123.5
+    assert decode(sink.records[-1][2]).event_time == t
+
+
+@pytest.mark.parametrize("offset_s,sign", [(290.0, "+"), (6.0, "+"), (-3600.0, "-")])
+def test_event_time_far_from_the_service_clock_is_refused(app_client, offset_s, sign):
+    """A client-chosen event time in the future would move the joiner's watermark for every
+    request; one far in the past would only be dead-lettered as late: both get a 422 that says why."""
+    c, _, sink = app_client
+    n = len(sink.records)
+    r = c.post("/v1/ads", json=body(slots=2, context={"event_time": time.time() + offset_s}))
+    assert r.status_code == 422, r.text
+    (err,) = r.json()["detail"]
+    assert err["loc"] == ["body", "context", "event_time"] and f"s from the service clock" in err["msg"]
+    assert err["msg"].split("is ")[1].startswith(sign)
+    assert len(sink.records) == n  # nothing logged
+    assert c.post("/v1/ads", json=body(slots=2, context={"event_time": time.time() + 2.0})).status_code == 200
+
+
+def test_a_reused_request_id_is_refused(app_client):
+    """Two pages with one request_id would share (request, ad) keys: the joiner would keep one."""
+    c, _, sink = app_client
+    assert c.post("/v1/ads", json=body(request_id="page-7", slots=2)).status_code == 200
+    n = len(sink.records)
+    r = c.post("/v1/ads", json=body(request_id="page-7", slots=2, query="garden hose"))
+    assert r.status_code == 409 and "already used" in r.json()["detail"]
+    assert len(sink.records) == n
+    assert c.post("/v1/ads", json=body(request_id="page-8", slots=2)).status_code == 200
 
 
 @pytest.mark.parametrize("payload,where", [
