@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 
 from core.creatives import CONTENT_COLUMNS, CreativeContent, CreativeContentConfig, CreativeEffects
+from core.domains import CrossDomainConfig, DomainEffects
 from core.events import BidwordChange, Click, Conversion, Event, Impression
 
 if TYPE_CHECKING:  # pandas is imported lazily: the event path does not need it
@@ -182,6 +183,7 @@ class WorldConfig:
     domains: tuple[tuple[str, float, float], ...] = (("search", 1.0, 0.0),)  # name, share, offset
     drift: DriftConfig = field(default_factory=DriftConfig)
     creative_content: CreativeContentConfig = field(default_factory=CreativeContentConfig)  # off by default
+    cross_domain: CrossDomainConfig = field(default_factory=CrossDomainConfig)  # off by default
 
     def __post_init__(self) -> None:
         from core.errors import ConfigError
@@ -197,6 +199,7 @@ class WorldConfig:
         if self.drift.enabled and self.drift.stable_tops >= self.n_top and self._any_drift():
             raise ConfigError("stable_tops leaves no top category that may drift")
         self.creative_content.validate()
+        self.cross_domain.validate([d[0] for d in self.domains])
 
     def _any_drift(self) -> bool:
         d = self.drift
@@ -324,6 +327,7 @@ class World:
         self._build_users(rng)
         self._build_drift(rng)
         self._build_creative_content()
+        self._build_cross_domain()
         self._index_candidates()
         self._pos_bias_cache: dict[int, float] = {}
 
@@ -523,6 +527,23 @@ class World:
             self.ads[i] = replace(ad, creatives=tuple(crs))
             self.ad_by_id[ad.id] = self.ads[i]
 
+    def _build_cross_domain(self) -> None:
+        """Domain-specific taste offsets and the users new to the target domain (``core.domains``),
+        from their own generator so that no other draw of the world moves."""
+        xd = self.config.cross_domain
+        self.domain_effects: DomainEffects | None = None
+        self._new_from = _NEG_INF
+        if not xd.enabled:
+            return
+        rng = np.random.default_rng([self.config.seed, xd.seed_stream])
+        self.domain_effects = DomainEffects(xd, self._domain_names, len(self.users), len(self.tops), rng)
+        self._new_from = self.config.epoch + xd.new_from * self.config.drift.horizon_s
+        others = [i for i, d in enumerate(self._domain_names) if d != xd.target]
+        shares = np.array([self.config.domains[i][1] for i in others], dtype=float)
+        self._other_domains = [self._domain_names[i] for i in others]
+        self._other_domain_cum = list(np.cumsum(shares / shares.sum()))
+        self._xd_top_cum = self.domain_effects.top_cum(np.array([u.preference for u in self.users]))
+
     def _index_candidates(self) -> None:
         """Per query: candidate ads (bidword match, same leaf, same top) as arrays for ranking."""
         self._cands: list[dict[str, Any]] = []
@@ -618,6 +639,23 @@ class World:
             return c.quality
         return c.quality + fx.personal(self._user_seg[u], c.content)
 
+    def domain_taste(self, user: User | str | int, domain: str) -> tuple[float, ...]:
+        """The user's taste per top category in ``domain`` (the shared preference plus the domain's
+        and the user's own offsets; the preference itself when cross-domain behaviour is off)."""
+        u = self._u(user)
+        fx = self.domain_effects
+        return u.preference if fx is None else fx.taste(u.preference, u.index, domain)
+
+    def is_new_to_target(self, user: User | str | int) -> bool:
+        """Whether the user makes no target-domain request before :attr:`new_target_from`."""
+        fx = self.domain_effects
+        return bool(fx is not None and fx.new_to_target[self._u(user).index])
+
+    @property
+    def new_target_from(self) -> float:
+        """Event time from which users new to the target domain may appear there (-inf when off)."""
+        return self._new_from
+
     def active_ads(self, t: float) -> list[Ad]:
         return [a for a in self.ads if a.active_from <= t]
 
@@ -674,6 +712,7 @@ class World:
             + cr
             + self._domain_offset.get(domain, 0.0)
             + self._drift_shift(a, t)
+            + (self.domain_effects.logit_offset(u, domain, self._ad_top[a]) if self.domain_effects else 0.0)
         )
 
     def true_ctr(
@@ -734,6 +773,8 @@ class World:
         """Draw one request at event time ``t``: a user (by activity), a query (by the user's taste
         for top categories, global popularity, or a trending query inside its window)."""
         u = min(bisect.bisect_left(self._user_cum, rng.random()), len(self.users) - 1)
+        if self.domain_effects is not None and domain is None:
+            return self._sample_cross_domain(rng, t, u)
         w0, w1 = self._trend_window
         if self._trending and w0 <= t < w1 and rng.random() < self.config.drift.trending_share:
             q = self._trending[int(rng.random() * len(self._trending))]
@@ -750,6 +791,28 @@ class World:
             else:
                 domain = self._domain_names[min(bisect.bisect_left(self._domain_cum, rng.random()),
                                                 len(self._domain_names) - 1)]
+        return Request(t, self.users[u].id, self.queries[q].text, domain, u, q)
+
+    def _sample_cross_domain(self, rng: random.Random, t: float, u: int) -> Request:
+        """Cross-domain requests: the domain first (a user new to the target is elsewhere until
+        ``new_from``), then a query by the user's taste in that domain (or trending / popular)."""
+        fx = self.domain_effects
+        assert fx is not None
+        names = self._domain_names
+        domain = names[min(bisect.bisect_left(self._domain_cum, rng.random()), len(names) - 1)]
+        if domain == fx.target and t < self._new_from and fx.new_to_target[u]:
+            domain = self._other_domains[min(bisect.bisect_left(self._other_domain_cum, rng.random()),
+                                             len(self._other_domains) - 1)]
+        w0, w1 = self._trend_window
+        if self._trending and w0 <= t < w1 and rng.random() < self.config.drift.trending_share:
+            q = self._trending[int(rng.random() * len(self._trending))]
+        elif rng.random() < self.config.user_pref_share:
+            cum = self._xd_top_cum[u, fx.index[domain]]
+            top = min(int(np.searchsorted(cum, rng.random())), len(cum) - 1)
+            qs, qcum = self._top_queries[top], self._top_query_cum[top]
+            q = qs[min(bisect.bisect_left(qcum, rng.random()), len(qs) - 1)]
+        else:
+            q = min(bisect.bisect_left(self._query_cum, rng.random()), len(self.queries) - 1)
         return Request(t, self.users[u].id, self.queries[q].text, domain, u, q)
 
     def candidates(self, query: Query | str, t: float | None = None) -> list[Candidate]:
@@ -997,6 +1060,7 @@ class World:
             "users": len(self.users),
             "drifted_segments": [(s.kind, len(s.ids)) for s in self._segments],
             "creative_content": self.creative_effects is not None,
+            "cross_domain": self.domain_effects.summary() if self.domain_effects is not None else False,
         }
 
 
