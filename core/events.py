@@ -217,6 +217,54 @@ class BidwordChange(Event):
 
 
 @dataclass(slots=True)
+class CreativeChange(Event):
+    """A creative enters, leaves or is judged in the catalogue (the ``creatives`` topic).
+
+    ``image`` and ``product_image`` are base64 PNGs (the creative, and the clean product it should
+    show); ``review`` is a human review label (``core.images.LABELS``); ``gate`` the availability
+    gate's verdict (``pass`` / ``fail``) with ``gate_score`` = P(available) and the gate's version in
+    ``features["gate_version"]``. ``action``: ``add`` (a new creative), ``remove``, ``verdict`` (a
+    judgement of a creative already in the catalogue). Keyed by the ad: an ad's creatives stay in order."""
+
+    TYPE: ClassVar[str] = "creative_change"
+    event_time: float
+    ad_id: str
+    creative_id: str
+    action: str
+    category: str = ""
+    image: str = ""
+    product_image: str = ""
+    review: str = ""
+    gate: str = ""
+    gate_score: float | None = None
+    source: str = ""
+    features: dict[str, Any] = field(default_factory=dict)
+
+    ACTIONS: ClassVar[frozenset[str]] = frozenset({"add", "remove", "verdict"})
+    REVIEWS: ClassVar[frozenset[str]] = frozenset({"", "available", "missing", "cutoff", "low_contrast",
+                                                   "bg_mismatch"})
+    GATES: ClassVar[frozenset[str]] = frozenset({"", "pass", "fail"})
+    SPEC: ClassVar[dict[str, tuple[str, bool]]] = {
+        "event_time": ("num", True),
+        "ad_id": ("str", True),
+        "creative_id": ("str", True),
+        "action": ("str", True),
+        "category": ("str", False),
+        "image": ("str", False),
+        "product_image": ("str", False),
+        "review": ("str", False),
+        "gate": ("str", False),
+        "gate_score": ("num", False),
+        "source": ("str", False),
+        "features": ("features", False),
+    }
+
+    @property
+    def key(self) -> str:
+        return self.ad_id
+
+
+@dataclass(slots=True)
 class Example(Event):
     """A labelled training example: an impression with what happened within the attribution
     window. Keyed by ``request_id:ad_id``; the same input always yields the same content."""
@@ -283,7 +331,7 @@ def example_key(request_id: str, ad_id: str) -> str:
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
-    c.TYPE: c for c in (Impression, Click, Conversion, BidwordChange, Example)
+    c.TYPE: c for c in (Impression, Click, Conversion, BidwordChange, Example, CreativeChange)
 }
 _FIELD_NAMES = {c: frozenset(f.name for f in fields(c)) for c in EVENT_TYPES.values()}
 
@@ -336,6 +384,16 @@ def validate_dict(obj: Any, expected: type[Event] | None = None, now: float | No
         raise InvalidRecord("invalid_value", f"bid={kwargs['bid']!r} must be a finite number >= 0")
     if cls is BidwordChange and kwargs["action"] not in BidwordChange.ACTIONS:
         raise InvalidRecord("invalid_value", f"action={kwargs['action']!r}")
+    if cls is CreativeChange:
+        for name, allowed in (("action", CreativeChange.ACTIONS), ("review", CreativeChange.REVIEWS),
+                              ("gate", CreativeChange.GATES)):
+            if kwargs.get(name, "") not in allowed:
+                raise InvalidRecord("invalid_value", f"{name}={kwargs[name]!r}; allowed: {sorted(allowed)}")
+        if not kwargs["creative_id"]:
+            raise InvalidRecord("invalid_value", "creative_change.creative_id must not be empty")
+        gs = kwargs.get("gate_score")
+        if gs is not None and not (math.isfinite(gs) and 0.0 <= gs <= 1.0):
+            raise InvalidRecord("invalid_value", f"gate_score={gs!r} must be in [0, 1]")
     kwargs["event_time"] = float(et)
     if "bid" in kwargs:
         kwargs["bid"] = float(kwargs["bid"])

@@ -23,6 +23,7 @@ class TopicNames(BaseModel):
     conversions: str = "conversions"
     bidword_inventory: str = "bidword-inventory"
     examples: str = "examples"
+    creatives: str = "creatives"  # the creative catalogue: CreativeChange events (images, reviews, verdicts)
     dead_letter: str = "dead-letter"
     query_labels: str = "query-labels"  # query snapshots of the query-refresh agent (docs/query.md)
 
@@ -264,6 +265,67 @@ class ServeSettings(BaseModel):
     # records are dropped (loudly, adstream_serve_impression_log_dropped_total) only when it is full
     impression_spool_dir: Path | None = Path(".adstream/impression-spool")
     impression_spool_max_bytes: int = Field(1 << 30, ge=4096)
+    # cross-domain (docs/crossdomain.md): requests whose user is cold in the requested domain (fewer
+    # than crossdomain_cold_views views there in the history store) are ranked by this model (None: off)
+    crossdomain_model: str | None = None
+    crossdomain_cold_views: int = Field(1, ge=1)
+    history_store: str = Field("none", pattern="^(none|redis)$")  # redis: features.redis_url
+    history_timeout_s: float = Field(0.05, gt=0)
+    # creative images (docs/images.md): a creative whose gate verdict is "fail" is never served;
+    # require-pass serves only creatives with a "pass" verdict; off ignores verdicts
+    creative_gate: str = Field("block-failed", pattern="^(off|block-failed|require-pass)$")
+    creative_gate_model: str | None = None  # judge catalogue creatives without a verdict on arrival
+    creative_reward: str = Field("off", pattern="^(off|replace|blend)$")  # the reward model vs the ranker
+    creative_reward_model: str = "creative-reward"
+    creative_reward_weight: float = Field(1.0, ge=0)  # blend: logit(ranker) + weight · centred reward score
+
+
+class CrossDomainSettings(BaseModel):
+    """The cross-domain job (``adstream train-crossdomain``, docs/crossdomain.md)."""
+
+    model_name: str = "crossdomain"
+    registry_dir: Path = Path(".adstream/registry")
+    checkpoint_dir: Path = Path(".adstream/crossdomain")
+    variant: str = Field("dacdr", pattern="^(dacdr|dacdr-target|single|pooled)$")
+    domains: list[str] = ["search"]  # known domains, in row order; a new one is added with add_domain
+    target_domains: list[str] = []  # the target for dacdr-target / single (empty: the second domain)
+    item_fields: list[str] = ["ad_id", "category"]
+    context_fields: list[str] = ["user_id", "position", "query"]
+    dim: int = Field(16, ge=2)
+    max_len: int = Field(20, ge=1)
+    emb_lr: float = Field(0.2, gt=0)
+    dense_lr: float = Field(0.003, gt=0)
+    epochs: int = Field(1, ge=1)
+    cold_threshold: int = Field(1, ge=1)
+    window_examples: int = Field(5000, ge=1)
+    min_window: int = Field(200, ge=1)
+    gate_cold_auc_margin: float = Field(0.02, ge=0)
+    gate_logloss_margin: float = Field(0.01, ge=0)
+    on_reject: str = Field("reset", pattern="^(reset|continue)$")
+    history_store: str = Field("none", pattern="^(none|redis)$")  # push histories after each window
+    max_windows: int | None = Field(None, ge=1)
+    idle_exit_s: float | None = Field(None, gt=0)
+    threads: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class CreativeImageSettings(BaseModel):
+    """The creative-image jobs (``adstream train-creatives``, ``adstream creatives``; docs/images.md)."""
+
+    registry_dir: Path = Path(".adstream/registry")
+    checkpoint_dir: Path = Path(".adstream/creatives")
+    gate_model: str = "creative-gate"
+    reward_model: str = "creative-reward"
+    encoder: str = Field("classical", pattern="^(classical|cnn)$")
+    size: int = Field(32, ge=16, le=256)
+    tau: float = Field(0.5, gt=0, lt=1)  # the gate passes a creative when P(available) >= tau
+    gate_window: int = Field(300, ge=1)  # catalogue records per gate window
+    reward_window: int = Field(20000, ge=1)  # examples per reward window
+    min_window: int = Field(50, ge=1)
+    on_reject: str = Field("reset", pattern="^(reset|continue)$")
+    max_windows: int | None = Field(None, ge=1)
+    idle_exit_s: float | None = Field(None, gt=0)
+    threads: int = Field(1, ge=1)
 
 
 class MetricsSettings(BaseModel):
@@ -290,6 +352,8 @@ class Settings(BaseSettings):
     creative: CreativeSettings = CreativeSettings()
     query: QuerySettings = QuerySettings()
     serve: ServeSettings = ServeSettings()
+    crossdomain: CrossDomainSettings = CrossDomainSettings()
+    creatives: CreativeImageSettings = CreativeImageSettings()
     metrics: MetricsSettings = MetricsSettings()
     state_dir: Path = Path(".adstream")
 

@@ -41,7 +41,8 @@ import numpy as np
 
 from core.creatives import CONTENT_COLUMNS, CreativeContent, CreativeContentConfig, CreativeEffects
 from core.domains import CrossDomainConfig, DomainEffects
-from core.events import BidwordChange, Click, Conversion, Event, Impression
+from core.images import BROKEN_KINDS, ImageConfig, ImageEffects, ImageSpec, Product
+from core.events import BidwordChange, Click, Conversion, CreativeChange, Event, Impression
 
 if TYPE_CHECKING:  # pandas is imported lazily: the event path does not need it
     import pandas as pd
@@ -184,6 +185,7 @@ class WorldConfig:
     drift: DriftConfig = field(default_factory=DriftConfig)
     creative_content: CreativeContentConfig = field(default_factory=CreativeContentConfig)  # off by default
     cross_domain: CrossDomainConfig = field(default_factory=CrossDomainConfig)  # off by default
+    images: ImageConfig = field(default_factory=ImageConfig)  # off by default
 
     def __post_init__(self) -> None:
         from core.errors import ConfigError
@@ -200,6 +202,7 @@ class WorldConfig:
             raise ConfigError("stable_tops leaves no top category that may drift")
         self.creative_content.validate()
         self.cross_domain.validate([d[0] for d in self.domains])
+        self.images.validate()
 
     def _any_drift(self) -> bool:
         d = self.drift
@@ -233,6 +236,7 @@ class Creative:
     ad_id: str
     quality: float  # logit effect for every user (with content: main(content) + residual)
     content: CreativeContent | None = None  # None unless WorldConfig.creative_content.enabled
+    image: ImageSpec | None = None  # None unless WorldConfig.images.enabled
 
 
 @dataclass(frozen=True)
@@ -327,6 +331,7 @@ class World:
         self._build_users(rng)
         self._build_drift(rng)
         self._build_creative_content()
+        self._build_images()
         self._build_cross_domain()
         self._index_candidates()
         self._pos_bias_cache: dict[int, float] = {}
@@ -527,6 +532,31 @@ class World:
             self.ads[i] = replace(ad, creatives=tuple(crs))
             self.ad_by_id[ad.id] = self.ads[i]
 
+    def _build_images(self) -> None:
+        """A product picture per ad and an image per creative (``core.images``), from their own
+        generator; ``quality`` gains the image's main effect (broken images lose a lot)."""
+        ic = self.config.images
+        self.image_effects: ImageEffects | None = None
+        self.products: dict[str, Product] = {}
+        if not ic.enabled:
+            return
+        from core.images import draw_product, draw_spec, scene_of, shape_of
+
+        rng = np.random.default_rng([self.config.seed, ic.seed_stream])
+        fx = self.image_effects = ImageEffects(ic, self.config.n_segments, rng)
+        scenes = [scene_of(t, i) for i, t in enumerate(self.tops)]
+        for i, ad in enumerate(self.ads):
+            ti = self.category_by_id[ad.category].top_index
+            product = self.products[ad.id] = draw_product(rng, shape_of(self.tops[ti], ti), scenes[ti])
+            others = [s for j, s in enumerate(scenes) if j != ti]
+            crs = []
+            for c in ad.creatives:
+                broken = BROKEN_KINDS[int(rng.integers(len(BROKEN_KINDS)))] if rng.random() < ic.broken_share else ""
+                spec = draw_spec(rng, product, scenes[ti], others, ic, broken)
+                crs.append(replace(c, quality=round(c.quality + fx.main(spec), 4), image=spec))
+            self.ads[i] = replace(ad, creatives=tuple(crs))
+            self.ad_by_id[ad.id] = self.ads[i]
+
     def _build_cross_domain(self) -> None:
         """Domain-specific taste offsets and the users new to the target domain (``core.domains``),
         from their own generator so that no other draw of the world moves."""
@@ -635,9 +665,45 @@ class World:
 
     def _creative_logit(self, u: int, c: Creative) -> float:
         fx = self.creative_effects
-        if fx is None or c.content is None:
-            return c.quality
-        return c.quality + fx.personal(self._user_seg[u], c.content)
+        v = c.quality
+        if fx is not None and c.content is not None:
+            v += fx.personal(self._user_seg[u], c.content)
+        if c.image is not None and self.image_effects is not None:
+            v += self.image_effects.personal(self._user_seg[u], c.image)
+        return v
+
+    def creative_image(self, ad: Ad | str | int, creative: Creative | str | int) -> np.ndarray:
+        """The creative's picture (``size × size × 3`` uint8; images must be on)."""
+        from core.images import render
+
+        c = self._c(self._a(ad), creative)
+        if c.image is None:
+            raise ValueError("this world has no creative images (WorldConfig.images.enabled is off)")
+        return render(c.image, self.config.images.size)
+
+    def product(self, ad: Ad | str | int) -> Product:
+        return self.products[self._a(ad).id]
+
+    def product_image(self, ad: Ad | str | int) -> np.ndarray:
+        from core.images import render_product
+
+        return render_product(self.product(ad), self.config.images.size)
+
+    def creative_event(self, ad: Ad | str | int, creative: Creative | str | int, t: float,
+                       reviewed: bool = True) -> CreativeChange:
+        """The catalogue event announcing a creative (image, product image, content, the review
+        label when ``reviewed``)."""
+        from core.images import to_png
+
+        a = self._a(ad)
+        c = self._c(a, creative)
+        feats: dict[str, Any] = dict(c.content.features()) if c.content is not None else {}
+        feats["title"] = self.category_by_id[a.category].name
+        return CreativeChange(event_time=round(t, 6), ad_id=a.id, creative_id=c.id, action="add",
+                              category=a.category, image=to_png(self.creative_image(a, c)),
+                              product_image=to_png(self.product_image(a)),
+                              review=c.image.label if (reviewed and c.image is not None) else "",
+                              source="world", features=feats)
 
     def domain_taste(self, user: User | str | int, domain: str) -> tuple[float, ...]:
         """The user's taste per top category in ``domain`` (the shared preference plus the domain's
@@ -951,6 +1017,12 @@ class World:
                 for w, bid in ad.bidwords:
                     push(BidwordChange(event_time=round(at, 6), ad_id=ad.id, bidword=w, action="add",
                                        bid=bid, category=ad.category))
+            if self.image_effects is not None and (ad.active_from <= start or (inventory_events and inside)):
+                # the creative catalogue: every creative's image, a share of them with a review label
+                at = start if ad.active_from <= start else ad.active_from
+                rv = random.Random(f"{self.config.seed}-{ad.id}-review")
+                for c in ad.creatives:
+                    push(self.creative_event(ad, c, at, rv.random() < self.config.images.review_share))
         for req, rid, served in self.simulate(start, duration_s, requests_per_s, slots, seed):
             t = round(req.event_time, 6)
             while pending and pending[0][0] <= t:

@@ -20,7 +20,7 @@ import time
 from typing import Any, Iterable, Iterator
 
 from core.errors import AdstreamError, ConfigError
-from core.events import BidwordChange, Click, Conversion, Event, Example, Impression, encode
+from core.events import BidwordChange, Click, Conversion, CreativeChange, Event, Example, Impression, encode
 from core.settings import TopicNames
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ TOPIC_FIELD: dict[type[Event], str] = {
     Conversion: "conversions",
     BidwordChange: "bidword_inventory",
     Example: "examples",
+    CreativeChange: "creatives",
 }
 
 

@@ -355,11 +355,20 @@ class DACDRModel:
 
     # ---- optional hooks ----------------------------------------------------------------------
     def reset_to(self, states: dict[str, dict[str, Any]]) -> None:
+        """Back to the serving version's weights, mappers and optimizers. The behaviour history is
+        kept: it is data the stream already delivered, not something learnt."""
         other = DACDRModel.from_state(states[self.name])
+        history = self.history
         self.__dict__.update(other.__dict__)
+        self.history = history
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict()}
+        """The configuration without the domain lists: a checkpoint of a model that has since gained
+        a domain (``add_domain``) still loads."""
+        c = self.config.to_dict()
+        c.pop("domains", None)
+        c.pop("target_domains", None)
+        return {"config": c}
 
     def validate(self) -> list[str]:
         problems = [f"{n} has non-finite values" for n, p in self.net.state_dict().items()
