@@ -76,9 +76,13 @@ def build_app(settings, *, bootstrap: str | None, world=None, initial_inventory:
     a client, None (no store) or "settings" (a ``FeatureStoreClient`` from ``settings.features``)."""
     from online.app import create_app
     from online.index import AdIndex, load_world_catalog, world_inventory
+    from online.wiring import serving_extras
 
     index = AdIndex()
     closers: list[Callable[[], Any]] = []
+    # gate verdicts, the creative reward model, cold-start routing (docs/images.md, docs/crossdomain.md)
+    extras = serving_extras(settings.serve, index, registry_root, settings.features.redis_url)
+    closers += extras.closers
     if world is not None:
         n = load_world_catalog(index, world)
         log.info("catalog: %d ads from the synthetic world (seed %d)", n, world.config.seed)
@@ -99,7 +103,8 @@ def build_app(settings, *, bootstrap: str | None, world=None, initial_inventory:
         from streams.kafka_io import create_topics
 
         try:
-            create_topics(bootstrap, [topics.impressions, topics.bidword_inventory],
+            create_topics(bootstrap, [topics.impressions, topics.bidword_inventory]
+                          + ([topics.creatives] if extras.catalogue is not None else []),
                           settings.kafka.partitions, settings.kafka.replication_factor, timeout_s=10.0)
         except Exception as e:  # noqa: BLE001 - the service starts even when the broker does not answer
             log.warning("could not make sure the topics exist on %s: %s", bootstrap, e)
@@ -111,10 +116,17 @@ def build_app(settings, *, bootstrap: str | None, world=None, initial_inventory:
         feed = InventoryFeed(bootstrap, topics.bidword_inventory, index.apply).start()
         closers.append(feed.stop)
         ready_checks.append(lambda: ("inventory", feed.caught_up.is_set()))
+        if extras.catalogue is not None:
+            from core.events import CreativeChange
+
+            cfeed = InventoryFeed(bootstrap, topics.creatives, extras.catalogue.apply, expected=CreativeChange).start()
+            closers.append(cfeed.stop)
+            ready_checks.append(lambda: ("creatives", cfeed.caught_up.is_set()))
         if wait_inventory_s > 0 and not feed.wait_caught_up(wait_inventory_s):
             log.warning("inventory feed not caught up after %.0fs; serving what is indexed", wait_inventory_s)
     app = create_app(settings.serve, registry_root=registry_root, feature_store=feature_store, sink=sink,
-                     index=index, impressions_topic=topics.impressions, ready_checks=ready_checks)
+                     index=index, impressions_topic=topics.impressions, ready_checks=ready_checks,
+                     service_kwargs=extras.service_kwargs)
     closers.append(app.state.close)
     return Wired(app, closers, sink, feed, feature_store)
 

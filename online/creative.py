@@ -28,7 +28,7 @@ import logging
 import math
 import random
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from core.settings import ServeSettings
@@ -44,6 +44,7 @@ class CreativeChoice:
     ranker: str  # "beta" or the registry name of the model
     version: str  # the version that chose ("beta-v1" for the Beta ranker)
     degraded: bool  # a configured model was missing or failed: the Beta ranker chose
+    scores: list[list[float]] = field(default_factory=list)  # per candidate, per creative (the reward blend reads them)
 
     def versions(self, exploration: str) -> dict[str, str]:
         out = {"creative": self.version, "creative_ranker": self.ranker}
@@ -137,7 +138,7 @@ class CreativeStage:
                     i += n
         model_scores = ranker != "beta"
         rng = random.Random(zlib.crc32(request_id.encode())) if self.exploration == "thompson" else None
-        best = []
+        best, all_scores = [], []
         for ms, rows in zip(means, creative_rows):
             scores = []
             for m, row in zip(ms, rows or [None] * len(ms)):
@@ -151,4 +152,5 @@ class CreativeStage:
                     s = m if model_scores else (a / (a + b) if a + b > 0 else m)
                 scores.append(s)
             best.append(max(range(len(scores)), key=lambda i: (scores[i], -i)) if scores else 0)
-        return CreativeChoice(best, ranker, version, bad)
+            all_scores.append(scores)
+        return CreativeChoice(best, ranker, version, bad, all_scores)

@@ -88,6 +88,36 @@ class AdIndex:
             if ad is not None:
                 ad.creatives, ad.advertiser = crs, advertiser
 
+    def add_creative(self, ad_id: str, creative_id: str, category: str = "", content: dict | None = None) -> None:
+        """One more creative of an ad (the creative catalogue), with its content features (``cr_*``);
+        already known: only the content is updated."""
+        with self._lock:
+            if content:
+                self._content[creative_id] = dict(content)
+            live = self._ads.get(ad_id)
+            default = (live.creatives if live is not None else (), live.advertiser if live is not None else "",
+                       category)
+            crs, adv, cat = self._catalog.get(ad_id, default)
+            if creative_id in crs:
+                return
+            crs = crs + (creative_id,)
+            self._catalog[ad_id] = (crs, adv, cat or category)
+            ad = self._ads.get(ad_id)
+            if ad is not None:
+                ad.creatives = crs
+
+    def remove_creative(self, ad_id: str, creative_id: str) -> None:
+        """A creative leaves its ad (an ad keeps at least its catalogue's other creatives)."""
+        with self._lock:
+            crs, adv, cat = self._catalog.get(ad_id, ((), "", ""))
+            left = tuple(c for c in crs if c != creative_id)
+            if not left or left == crs:
+                return
+            self._catalog[ad_id] = (left, adv, cat)
+            ad = self._ads.get(ad_id)
+            if ad is not None:
+                ad.creatives = left
+
     def apply(self, change: BidwordChange) -> None:
         """Apply one inventory change (add/update/remove of a bidword on an ad)."""
         with self._lock:

@@ -55,6 +55,11 @@ class ServeMetrics:
         self.inventory_changes = Counter(
             f"{NS}_serve_inventory_changes", "Bidword-inventory changes applied to the index", registry=r)
         self.index_ads = Gauge(f"{NS}_serve_index_ads", "Live ads in the index", registry=r)
+        self.ad_ranker = Counter(
+            f"{NS}_serve_ad_ranker", "Requests by the ad ranker chosen (ctr, crossdomain) and why (cold, warm, "
+            "no_history_store, history_failed, no_model, failed)", ["ranker", "reason"], registry=r)
+        self.creatives_gated = Counter(
+            f"{NS}_serve_creatives_gated", "Candidate creatives held back by their gate verdict", registry=r)
 
     @staticmethod
     def buckets() -> tuple[float, ...]:

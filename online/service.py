@@ -8,6 +8,12 @@
 Every dependency can fail without failing the request: the feature store (defaults, ``features``
 in ``degraded``), the CTR model (stream-CTR prior, ``ctr_model``), the event sink (counted drops,
 ``impression_log``).
+
+Optional parts (docs/crossdomain.md, docs/images.md): a :class:`online.creatives.CreativeCatalogue`
+drops creatives whose gate verdict forbids them from the candidates before anything is ranked; a
+:class:`online.crossdomain.CrossDomainRouter` sends users cold in the requested domain to the
+cross-domain model; a :class:`online.creatives.RewardBlender` lets the creative reward model replace
+or blend with the creative ranker.
 """
 
 from __future__ import annotations
@@ -186,6 +192,9 @@ class AdService:
         creative_loader: ModelLoader | None = None,
         clock: Callable[[], float] = time.time,
         keep_stage_log: int = 0,
+        catalogue: Any = None,
+        crossdomain: Any = None,
+        reward: Any = None,
     ) -> None:
         self.settings = settings
         self.index = index
@@ -206,6 +215,9 @@ class AdService:
         self.parallel_calls = 0
         self._lock = threading.Lock()
         self.tag = self.features.tags[0]
+        self.catalogue = catalogue  # online.creatives.CreativeCatalogue: gate verdicts
+        self.crossdomain = crossdomain  # online.crossdomain.CrossDomainRouter: cold-start routing
+        self.reward = reward  # online.creatives.RewardBlender: the reward model beside the creative ranker
         self.creative_cache: CreativeStatsCache | None = None
         if settings.creative_features == "cache" and feature_store is not None:
             self.creative_cache = CreativeStatsCache(feature_store, index, settings.creative_cache_refresh_s)
@@ -269,8 +281,44 @@ class AdService:
     def rank_creatives(self, model: LoadedModel | None, rows_fn, cands: list[Candidate],
                        creative_rows: list[list[dict | None]], priors: list[float], request_id: str,
                        degraded: list[str]) -> CreativeChoice:
-        """The best creative of every candidate (ties: the first): CR+ or the Beta ranker."""
-        return self.creative.rank(model, rows_fn, cands, creative_rows, priors, request_id, degraded)
+        """The best creative of every candidate (ties: the first): CR+ or the Beta ranker; with a reward
+        blender (``serve.creative_reward``), the creative reward model replaces or blends with its scores."""
+        choice = self.creative.rank(model, rows_fn, cands, creative_rows, priors, request_id, degraded)
+        if self.reward is not None and cands:
+            try:
+                picks = self.reward.choose_many([c.creatives for c in cands], choice.scores)
+                for j, r in enumerate(picks):
+                    if r is not None:
+                        choice.best[j] = r
+            except Exception as e:  # noqa: BLE001 - the ranker's choice stands
+                degraded.append("creative_reward")
+                log.warning("creative reward model failed, the ranker decides: %s", e)
+        return choice
+
+    def rank_ads_routed(self, req: AdRequestData, model: LoadedModel | None, examples: list[dict],
+                        priors: list[float], degraded: list[str]) -> tuple[Ranked, str, str]:
+        """The CTR model, or the cross-domain model for a user cold in the requested domain.
+        Returns the ranking, the ranker used and why."""
+        router = self.crossdomain
+        route = router.route(req.user_id, req.domain) if router is not None else None
+        if route is not None and route.use_crossdomain:
+            xd = router.loader.current
+            if xd is not None:
+                hist = route.history or {}
+                try:
+                    p = xd.predict([dict(ex, history=hist) for ex in examples])
+                    ranked = Ranked([float(x) for x in p], f"{xd.name}:{xd.version}", False)
+                    log.debug("request %s: user %s cold in %s -> %s", req.request_id, req.user_id, req.domain,
+                              ranked.version)
+                    return ranked, "crossdomain", "cold"
+                except Exception as e:  # noqa: BLE001 - fall back to the CTR model
+                    log.warning("cross-domain model %s failed, the CTR model ranks: %s", xd.version, e)
+                    degraded.append("crossdomain_model")
+                    return self.rank_ads(model, examples, priors), "ctr", "failed"
+        reason = route.reason if route is not None else "off"
+        if route is not None and route.reason == "history_failed":
+            degraded.append("history")
+        return self.rank_ads(model, examples, priors), "ctr", reason
 
     # ---- the pipeline -------------------------------------------------------------------------
     def handle(self, req: AdRequestData, parallel: bool | None = None) -> dict[str, Any]:
@@ -305,6 +353,10 @@ class AdService:
         # 2. candidates (bidword matches, then the predicted categories)
         cands = self.index.candidates(matched, categories[: self.settings.query_categories] or None,
                                       self.settings.max_candidates)
+        if self.catalogue is not None and cands:  # creatives the gate forbids: held back before any ranker
+            cands, held = self.catalogue.filter(cands)
+            if held:
+                m.creatives_gated.inc(held)
         t2 = time.perf_counter(); stages["retrieve"] = t2 - t1  # noqa: E702
         m.candidates.observe(len(cands))
 
@@ -356,6 +408,7 @@ class AdService:
         cr_model = self.creative.current()
         use_parallel = self.parallel if parallel is None else parallel
         cr_degraded: list[str] = []
+        ranker, why = "ctr", "off"
 
         def rows_fn(ad_pctr=None):
             return self.creative.rows(req.user_id, req.domain, base, cands, pos, event_time, ad_pctr)
@@ -364,12 +417,14 @@ class AdService:
             cr_args = (cr_model, rows_fn, cands, cr_rows, priors, request_id, cr_degraded)
             if use_parallel and not self.creative.needs_ad_pctr(cr_model):
                 fut = self._pool.submit(self._timed, self.rank_creatives, *cr_args)
-                ranked, t_ad = self._timed(self.rank_ads, model, examples, priors)
+                (ranked, ranker, why), t_ad = self._timed(self.rank_ads_routed, req, model, examples, priors,
+                                                          degraded)
                 choice, t_cr = fut.result()
                 with self._lock:
                     self.parallel_calls += 1
             else:  # sequential, or a CR+ that reads the ad ranker's pCTR of this request
-                ranked, t_ad = self._timed(self.rank_ads, model, examples, priors)
+                (ranked, ranker, why), t_ad = self._timed(self.rank_ads_routed, req, model, examples, priors,
+                                                          degraded)
                 if self.creative.needs_ad_pctr(cr_model):
                     cr_args = (cr_model, lambda: rows_fn(ranked.pctr), *cr_args[2:])
                 choice, t_cr = self._timed(self.rank_creatives, *cr_args)
@@ -380,6 +435,8 @@ class AdService:
                                     cr_model.version if cr_model else self.creative_ranker.version, False)
         degraded.extend(cr_degraded)
         best_cr = choice.best
+        if self.crossdomain is not None:
+            m.ad_ranker.labels(ranker, why).inc()
         t5 = time.perf_counter(); stages["rank"] = t5 - t4  # noqa: E702
         if ranked.degraded:
             degraded.append("ctr_model")
@@ -389,6 +446,10 @@ class AdService:
         versions = {"ctr": ranked.version, **choice.versions(self.creative.exploration)}
         if query_version is not None:
             versions["query"] = query_version
+        if self.crossdomain is not None:
+            versions["ad_ranker"], versions["ad_ranker_reason"] = ranker, why
+        if self.reward is not None and self.reward.version:
+            versions["creative_reward"] = f"{self.reward.mode}:{self.reward.version}"
         ads_out, imps = [], []
         for position, j in enumerate(order[: req.slots]):
             c = cands[j]

@@ -1,4 +1,6 @@
-"""Follows the ``bidword-inventory`` topic and hands every change to a callback (the online index).
+"""Follows a changelog topic and hands every change to a callback: the ``bidword-inventory`` topic
+(``BidwordChange``, the online index) by default, or any other event type (``expected``; the
+``creatives`` catalogue: ``CreativeChange``).
 
 The topic is a changelog: a serving process must see all of it, so the feed reads every partition
 from the beginning without a consumer group (nothing is committed) and then keeps following it.
@@ -16,7 +18,7 @@ from typing import Callable
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from core.errors import InvalidRecord
-from core.events import BidwordChange, decode
+from core.events import BidwordChange, Event, decode
 from streams.kafka_io import client_config
 
 log = logging.getLogger(__name__)
@@ -24,10 +26,11 @@ log = logging.getLogger(__name__)
 
 class InventoryFeed:
     def __init__(self, bootstrap: str, topic: str, apply: Callable[[BidwordChange], None],
-                 poll_s: float = 0.2, batch: int = 500) -> None:
+                 poll_s: float = 0.2, batch: int = 500, expected: type[Event] = BidwordChange) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self.apply = apply
+        self.expected = expected
         self.poll_s = poll_s
         self.batch = batch
         self.applied = 0
@@ -83,10 +86,10 @@ class InventoryFeed:
                             log.warning("inventory feed: %s", err)
                         continue
                     try:
-                        change = decode(msg.value(), BidwordChange)
+                        change = decode(msg.value(), self.expected)
                     except InvalidRecord as e:
                         self.invalid += 1
-                        log.warning("inventory feed: skipped an invalid record at %s[%d]@%d: %s",
+                        log.warning("feed: skipped an invalid record at %s[%d]@%d: %s",
                                     self.topic, msg.partition(), msg.offset(), e)
                         continue
                     try:
