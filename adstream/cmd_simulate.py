@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="traffic random seed (default 0)")
     p.add_argument("--max-wait", type=float, default=120.0, metavar="S",
                    help="after the requests, wait at most S seconds for clicks dated in the future, then send "
-                        "the rest at once (default 120)")
+                        "the rest at once (default 120; the joiner dead-letters clicks more than "
+                        "join.max_future_s ahead of their Kafka timestamp as clock_skew)")
     p.add_argument("--delivery-timeout", type=float, default=30.0, metavar="S",
                    help="a click not acknowledged by Kafka within S seconds counts as a delivery failure (default 30)")
     p.add_argument("--out", metavar="FILE.json", help="write the report (per-bucket CTR, latency, versions) here")
@@ -76,9 +77,15 @@ def _run(args: argparse.Namespace) -> int:
         print(f"t={d['start_s']:4.0f}s{end}  requests={d['requests']:5d}  errors={d['errors']:3d}  "
               f"ctr={ctr:>7}  expected={exp:>7}  p99={p99:>7} ms  versions={d['model_versions']}", flush=True)
 
+    said = []
+
     def waiting(left: int, last_in_s: float) -> None:
-        print(f"requests done; waiting for {left} clicks and conversions dated in the future (the last is due "
-              f"in {last_in_s:.0f}s; at most {args.max_wait:g}s more, --max-wait)", flush=True)
+        if not said:
+            print(f"requests done; waiting for {left} clicks and conversions dated in the future (the last is due "
+                  f"in {last_in_s:.0f}s; waiting at most {args.max_wait:g}s, --max-wait)", flush=True)
+        else:
+            print(f"  {left} left, the last due in {last_in_s:.0f}s", flush=True)
+        said.append(left)
 
     report = simulate_traffic(
         args.url, world, bootstrap, s.kafka.topics, duration_s=None if args.requests else args.duration,

@@ -213,6 +213,10 @@ class _StderrHandler(logging.StreamHandler):
 # records a library handles with handlers of its own).
 QUIET_LOGGERS = ("feast", "faust", "mode", "aiokafka", "kafka", "httpx", "httpcore", "uvicorn", "urllib3",
                  "torchrec", "fbgemm_gpu", "torch.distributed", "matplotlib", "asyncio", "filelock", "numexpr")
+# libraries that log through handlers of their own (torch's "W1127 ..." lines): only errors at verbosity 0
+DEPRECATION_LOGGERS = ("torch.fx._symbolic_trace", "torchrec.distributed.planner")
+# deprecation notes of libraries (fbgemm's DeprecationWarnings at import, ...): shown with -v
+_OWN_MODULES = r"(adstream|core|streams|features|models|online|bench|tests)(\.|$)"
 
 
 def setup_logging(verbosity: int = 0, stream: IO[str] | None = None, *, fmt: str = FORMAT,
@@ -237,7 +241,38 @@ def setup_logging(verbosity: int = 0, stream: IO[str] | None = None, *, fmt: str
     root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING if verbosity <= 0 else logging.NOTSET)
+    for name in DEPRECATION_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR if verbosity <= 0 else logging.NOTSET)
+    global _verbosity
+    _verbosity = verbosity
+    quiet_library_warnings()
     return handler
+
+
+_verbosity: int | None = None
+
+
+def quiet_library_warnings() -> None:
+    """At verbosity 0, hide libraries' deprecation notes (``DeprecationWarning``, ``FutureWarning``;
+    adstream's own stay visible). Call it again after importing a library that installs warning
+    filters of its own at import (Feast puts ``simplefilter("once", DeprecationWarning)`` first)."""
+    import warnings
+
+    for f in _our_filters:  # at most one set of ours, at the front
+        if f in warnings.filters:
+            warnings.filters.remove(f)
+    _our_filters.clear()
+    if _verbosity is None or _verbosity > 0:
+        warnings._filters_mutated()  # type: ignore[attr-defined]
+        return
+    for cat in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=cat)
+        _our_filters.append(warnings.filters[0])
+        warnings.filterwarnings("default", category=cat, module=_OWN_MODULES)  # ours stay visible
+        _our_filters.append(warnings.filters[0])
+
+
+_our_filters: list = []
 
 
 def verbosity_from_env(default: int = 0) -> int:

@@ -61,7 +61,9 @@ def feast_ready() -> None:
         return
     if "feast" not in _sys.modules:  # once Feast is loaded its own wrapper is in place: leave it
         _sys.modules.setdefault(_TORCH_WRAPPER, _lazy_torch_wrapper())
+    from core.logs import quiet_library_warnings
     from features.store import keep_prometheus_in_process
 
-    keep_prometheus_in_process()
+    keep_prometheus_in_process()  # imports Feast
+    quiet_library_warnings()  # Feast's own warning filters, installed at its import, come first otherwise
     _ready = True

@@ -344,6 +344,8 @@ def simulate_traffic(
                 clicks.due()
             for f in futures:
                 f.result()
+        if on_bucket is not None and report.buckets:
+            on_bucket(report.buckets[-1])  # the last bucket, before the wait for clicks
     finally:
         report.seconds = time.monotonic() - t_start
         client.close()
@@ -353,6 +355,4 @@ def simulate_traffic(
         finally:
             report.produced = clicks.produced
             report.delivered, report.delivery_failures, report.delivery_error = clicks.delivery()
-    if on_bucket is not None and report.buckets:
-        on_bucket(report.buckets[-1])
     return report

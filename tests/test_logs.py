@@ -171,3 +171,24 @@ def test_cli_verbosity_flags(tmp_path: Path) -> None:
         assert any(isinstance(f, LibraryNoise) for f in ours[0].filters) == filtered
     os.environ.pop("ADSTREAM_LOG_VERBOSITY", None)
     setup_logging(0)
+
+
+def test_library_deprecation_warnings_hidden_by_default_shown_with_v() -> None:
+    import warnings
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            setup_logging(0)
+            warnings.simplefilter("once", DeprecationWarning)  # what Feast does at import ...
+            from core.logs import quiet_library_warnings
+
+            quiet_library_warnings()  # ... and what features.feast_ready() does after it
+            warnings.warn_explicit("library note", DeprecationWarning, "lib.py", 1, module="fbgemm_gpu.ops")
+            warnings.warn_explicit("library future", FutureWarning, "lib.py", 2, module="torchrec.x")
+            warnings.warn_explicit("our own note", DeprecationWarning, "t.py", 1, module="streams.trainer")
+            setup_logging(1)
+            warnings.warn_explicit("library note, -v", DeprecationWarning, "lib.py", 3, module="fbgemm_gpu.ops")
+    finally:
+        setup_logging(0)
+    assert [str(w.message) for w in caught] == ["our own note", "library note, -v"]
