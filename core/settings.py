@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigError
@@ -96,6 +96,10 @@ class FeatureSettings(BaseModel):
     # how often the updater checks that the online store still holds its rows (a marker key);
     # a store that came back empty is refilled from the updater's state
     store_check_s: float = Field(1.0, gt=0)
+    # scale-out: n feature updaters, each folding and writing the entity rows it owns
+    # (features.aggregates.owner); every one reads all input partitions
+    shards: int = Field(1, ge=1)
+    shard: int = Field(0, ge=0)
 
     @field_validator("half_lives_s")
     @classmethod
@@ -103,6 +107,12 @@ class FeatureSettings(BaseModel):
         if not v or any(h <= 0 for h in v):
             raise ValueError("half_lives_s must be a non-empty list of positive seconds")
         return v
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> "FeatureSettings":
+        if self.shard >= self.shards:
+            raise ValueError(f"features.shard {self.shard} must be < features.shards {self.shards}")
+        return self
 
 
 class TrainerSettings(BaseModel):

@@ -26,6 +26,12 @@ Field rows are folded lazily: an event is queued for its entity types' field row
 is folded in one vectorised step before any read of the state (rows, dirty rows, snapshots), with
 the same formula; the per-key rows are folded per event.
 
+Sharding (several updaters, one set of rows)
+    ``AggregateState(half_lives, shard=i, shards=n)`` folds only the per-key rows whose key it owns,
+    ``crc32("<entity type>:<key>") % n == i``, and shard 0 alone folds the field rows (``__all__``).
+    n updaters that each read every event therefore write disjoint rows whose union is exactly what
+    one updater writes (``tests/test_feature_updater.py``).
+
 Recency
     ``last_impression_time`` / ``last_click_time`` (epoch seconds, 0 = never) and their ages at the
     row's newest event time, ``imp_age_s`` / ``click_age_s`` (-1 = never).
@@ -34,6 +40,7 @@ Recency
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any, Iterable
 
 from core.events import ENTITY_KEYS, Click, Impression
@@ -85,6 +92,11 @@ def prior_mean(field_dec_clicks: float, field_dec_imps: float) -> float:
     return field_dec_clicks / field_dec_imps if field_dec_imps > 0 else 0.0
 
 
+def owner(etype: str, key: str, shards: int) -> int:
+    """The shard that owns an entity's row (stable across processes and runs)."""
+    return zlib.crc32(f"{etype}:{key}".encode()) % shards
+
+
 class _Row:
     __slots__ = ("impressions", "clicks", "t_ref", "dimp", "dclk", "last_imp", "last_clk")
 
@@ -114,10 +126,14 @@ class _Row:
 class AggregateState:
     """Per-(entity type, key) aggregates with a dirty set for incremental pushes."""
 
-    def __init__(self, half_lives_s: Iterable[float]) -> None:
+    def __init__(self, half_lives_s: Iterable[float], shard: int = 0, shards: int = 1) -> None:
         self.half_lives = [float(h) for h in half_lives_s]
         if not self.half_lives or any(h <= 0 for h in self.half_lives):
             raise ValueError("half_lives_s must be a non-empty list of positive seconds")
+        if shards < 1 or not 0 <= shard < shards:
+            raise ValueError(f"shard {shard} of {shards}: need 0 <= shard < shards")
+        self.shard, self.shards = int(shard), int(shards)
+        self._owned: dict[str, dict[str, bool]] = {e: {} for e in ENTITY_TYPES}  # sharded: key -> mine
         self._rates = [_LN2 / h for h in self.half_lives]
         self._rows: dict[str, dict[str, _Row]] = {e: {} for e in ENTITY_TYPES}
         self.dirty: dict[str, set[str]] = {e: set() for e in ENTITY_TYPES}
@@ -150,16 +166,26 @@ class AggregateState:
     def _apply(self, t: float, click: bool, keys: tuple[str, ...]) -> None:
         self.events_applied += 1
         ev = (t, click)
+        sharded = self.shards > 1
         for etype, key in zip(ENTITY_TYPES, keys):
             if not key:
                 continue
+            if sharded:
+                if self.shard == 0:
+                    self._field_pending[etype].append(ev)
+                mine = self._owned[etype].get(key)
+                if mine is None:
+                    mine = self._owned[etype][key] = owner(etype, key, self.shards) == self.shard
+                if not mine:
+                    continue
             rows = self._rows[etype]
             row = rows.get(key)
             if row is None:
                 row = rows[key] = _Row(len(self._rates))
             self._fold(row, t, click)
             self.dirty[etype].add(key)
-            self._field_pending[etype].append(ev)
+            if not sharded:
+                self._field_pending[etype].append(ev)
 
     def _settle_fields(self) -> None:
         """Fold the pending events into the field rows: with ``T`` = the newest time seen, each
@@ -321,6 +347,7 @@ class AggregateState:
         self._settle_fields()
         return {
             "half_lives": list(self.half_lives),
+            "shard": [self.shard, self.shards],
             "events_applied": self.events_applied,
             "rows": {e: {k: (r.impressions, r.clicks, r.t_ref, r.dimp, r.dclk, r.last_imp, r.last_clk)
                          for k, r in rows.items()} for e, rows in self._rows.items()},
@@ -329,7 +356,8 @@ class AggregateState:
 
     @classmethod
     def restore(cls, snap: dict[str, Any]) -> "AggregateState":
-        state = cls(snap["half_lives"])
+        shard, shards = snap.get("shard", (0, 1))
+        state = cls(snap["half_lives"], shard, shards)
         state.events_applied = int(snap.get("events_applied", 0))
         for etype, rows in snap["rows"].items():
             state._rows[etype] = {k: _Row.from_list(v) for k, v in rows.items()}

@@ -229,7 +229,10 @@ class FeatureStoreClient:
 
     @property
     def marker_key(self) -> str:
-        return f"adstream:{self.store.config.project}:online-marker"
+        """One marker per updater shard: each shard's rows can be lost and refilled on their own."""
+        s = self.settings
+        shard = f":shard-{s.shard}-of-{s.shards}" if s.shards > 1 else ""
+        return f"adstream:{self.store.config.project}:online-marker{shard}"
 
     def store_marker(self) -> str | None:
         """The marker last written with :meth:`set_store_marker`, or None when the online store does

@@ -115,9 +115,11 @@ class FeatureUpdater:
         self.client = client or FeatureStoreClient(settings.features)
         self.checkpoint_every_s = max(checkpoint_every_s, 0.0)
         self.on_flush = on_flush
-        self.ckpt_path = Path(self.fs.checkpoint_dir) / CHECKPOINT_FILE
+        self.shard, self.shards = self.fs.shard, self.fs.shards
+        sub = f"shard-{self.shard}-of-{self.shards}" if self.shards > 1 else ""
+        self.ckpt_path = Path(self.fs.checkpoint_dir) / sub / CHECKPOINT_FILE
         self.expected = {self.topics.impressions: Impression, self.topics.clicks: Click}
-        self.state = AggregateState(self.fs.half_lives_s)
+        self.state = AggregateState(self.fs.half_lives_s, self.shard, self.shards)
         self.offsets: dict[tuple[str, int], int] = {}  # next offset to read per topic-partition
         self.seq = 0
         self._pending_append_ts: list[float] = []
@@ -147,6 +149,9 @@ class FeatureUpdater:
         if data is None:
             log.info("no checkpoint in %s: reading the topics from the beginning", self.ckpt_path.parent)
             return
+        if list(data["state"].get("shard", (0, 1))) != [self.shard, self.shards]:
+            raise ConfigError(f"checkpoint {self.ckpt_path} belongs to shard {data['state'].get('shard')}, "
+                              f"settings say {self.shard} of {self.shards}")
         if [float(h) for h in data["state"]["half_lives"]] != [float(h) for h in self.fs.half_lives_s]:
             raise ConfigError(f"checkpoint {self.ckpt_path} was made with half-lives "
                               f"{data['state']['half_lives']}, settings say {self.fs.half_lives_s}")
@@ -209,6 +214,8 @@ class FeatureUpdater:
 
     def _dead_letter(self, topic: str, part: int, off: int, raw: bytes | None, err: InvalidRecord) -> None:
         self.dead += 1
+        if self.shard != 0:  # every shard reads every record: shard 0 alone writes the dead letters
+            return
         self.dead_letters.write(topic, part, off, raw, err)
         log.debug("dead letter %s:%d:%d %s", topic, part, off, err)
 
@@ -262,7 +269,8 @@ class FeatureUpdater:
             log.warning("%d dead letters not delivered yet: checkpoint postponed", self.dead_letters.outstanding)
             return False
         if self._history:
-            self.client.write_history(self._history, part=f"{seq:012d}")
+            part = f"{seq:012d}" if self.shards == 1 else f"s{self.shard}of{self.shards}-{seq:012d}"
+            self.client.write_history(self._history, part=part)
             self._history = {}
         save_checkpoint(self.ckpt_path, {
             "version": CHECKPOINT_VERSION,
@@ -296,7 +304,8 @@ class FeatureUpdater:
         self._restore()
         # the store may have lost rows while no updater ran (a Redis restarted meanwhile): the
         # first check finds no marker and pushes every row once
-        consumer = self._consumer = checkpointed_consumer(self.bootstrap, GROUP_ID, self.settings.kafka)
+        group = GROUP_ID if self.shards == 1 else f"{GROUP_ID}-shard-{self.shard}-of-{self.shards}"
+        consumer = self._consumer = checkpointed_consumer(self.bootstrap, group, self.settings.kafka)
         try:
             tps = assign_from(consumer, self.bootstrap, self.expected, lambda t, p: self.offsets.get((t, p)))
             log.info("feature updater on %s: %d partitions, online store %s, flush every %.2fs",
@@ -390,7 +399,7 @@ class FeatureUpdater:
         this one's checkpoints (and both push the same rows)."""
         import fcntl
 
-        d = Path(self.fs.checkpoint_dir)
+        d = self.ckpt_path.parent  # per shard
         d.mkdir(parents=True, exist_ok=True)
         fd = os.open(d / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
         try:
@@ -429,11 +438,17 @@ def run(settings: Settings, stop_event: threading.Event | None = None, max_idle_
 
 def with_overrides(settings: Settings, *, online_store: str | None = None, redis_url: str | None = None,
                    repo_dir: str | None = None, checkpoint_dir: str | None = None,
-                   flush_interval_s: float | None = None) -> Settings:
+                   flush_interval_s: float | None = None, shard: str | None = None) -> Settings:
     """A copy of ``settings`` with the feature options given on a command line."""
     upd = {k: v for k, v in {"online_store": online_store, "redis_url": redis_url, "repo_dir": repo_dir,
                              "checkpoint_dir": checkpoint_dir, "flush_interval_s": flush_interval_s}.items()
            if v is not None}
+    if shard is not None:
+        i, _, n = shard.partition("/")
+        try:
+            upd["shard"], upd["shards"] = int(i), int(n)
+        except ValueError:
+            raise ConfigError(f"--shard must look like I/N (e.g. 0/4), got {shard!r}") from None
     if not upd:
         return settings
     try:
@@ -455,12 +470,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=-1, metavar="PORT",
                    help="/metrics port on 127.0.0.1 (default: settings; 0 = off)")
     p.add_argument("--max-idle", type=float, metavar="S", help="exit after S seconds without records")
+    p.add_argument("--shard", metavar="I/N", help="run as shard I of N updaters: fold and write only the "
+                   "entity rows this shard owns (each reads every input partition)")
 
 
 def settings_for(args: argparse.Namespace, settings: Settings) -> Settings:
     return with_overrides(settings, online_store=args.online_store, redis_url=args.redis_url,
                           repo_dir=args.repo_dir, checkpoint_dir=args.checkpoint_dir,
-                          flush_interval_s=args.flush_interval)
+                          flush_interval_s=args.flush_interval, shard=getattr(args, "shard", None))
 
 
 def run_from_args(args: argparse.Namespace, settings: Settings) -> int:
