@@ -25,6 +25,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Producer
 
+from streams.client_log import client_config
+
 log = logging.getLogger(__name__)
 
 PROBE_EVERY_S = 2.0  # while records are spooled and the broker seemed down: ask it this often
@@ -47,7 +49,7 @@ class KafkaEventSink:
         }
         cfg.update({k.replace("_", "."): v for k, v in overrides.items()})
         self._cfg = cfg
-        self._p = Producer(cfg, logger=_QuietLogger())
+        self._p = Producer(client_config(cfg))  # librdkafka's lines through the shared, rate-limited log
         self.bootstrap = bootstrap
         self.sent = 0
         self.delivered = 0
@@ -240,15 +242,3 @@ class KafkaEventSink:
         return {"sent": self.sent, "delivered": self.delivered, "dropped": self.dropped,
                 "spooled": self.spooled, "drained": self.drained, "spool_bytes": self.spool_bytes,
                 "pending": self.pending, "last_latency_s": self.last_latency_s, "last_error": self.last_error}
-
-
-class _QuietLogger:
-    """librdkafka logs every failed connection attempt; keep one line in a hundred."""
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def log(self, level: int, fmt: str, *args: Any) -> None:
-        self.n += 1
-        if self.n <= 3 or self.n % 100 == 0:
-            log.info("librdkafka: " + fmt, *args)
