@@ -310,6 +310,8 @@ def run_worker(
 
     app = build_app(settings, bootstrap, app_id, metrics, idle_flush_s)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, override_logging=False)  # core.logs setup stays
+    if not worker.stdout.isatty():
+        worker.spinner = None  # its cursor codes would end up in log files
     worker.execute_from_commandline()
 
 

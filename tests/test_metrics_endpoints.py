@@ -147,3 +147,4 @@ def test_joiner_series_survive_a_restart_and_the_watermark_gauge_moves(bootstrap
         _stop(j)
     assert after == before, f"new series: {sorted(after - before)[:5]}; gone: {sorted(before - after)[:5]}"
     assert "attribution window 600s + allowed lateness 0s" in log.read_text()
+    assert "\x1b[" not in log.read_text()  # no terminal control codes (faust's spinner) in a log file
