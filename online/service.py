@@ -164,6 +164,8 @@ class CreativeStatsCache:
 
 
 def _num(v: Any) -> float | None:
+    if type(v) is float:  # the common case (feature rows hold floats): no try, no conversion
+        return v if v - v == 0.0 else None  # finite (inf - inf and nan - nan are nan)
     if v is None or isinstance(v, bool):
         return None
     try:
@@ -215,6 +217,7 @@ class AdService:
         self.parallel_calls = 0
         self._lock = threading.Lock()
         self.tag = self.features.tags[0]
+        self._feature_names: dict[str, list[tuple[str, str]]] = {}
         self.catalogue = catalogue  # online.creatives.CreativeCatalogue: gate verdicts
         self.crossdomain = crossdomain  # online.crossdomain.CrossDomainRouter: cold-start routing
         self.reward = reward  # online.creatives.RewardBlender: the reward model beside the creative ranker
@@ -235,11 +238,16 @@ class AdService:
         return _num((row or {}).get(f"ctr_{self.tag}"))
 
     def _entity_features(self, ent: str, row: dict | None, out: dict[str, Any]) -> dict[str, Any]:
-        row = row or {}
-        for s in ENTITY_STATS:
-            out[f"{ent}_{s}"] = _num(row.get(s))
-        for t in self.features.tags:
-            out[f"{ent}_ctr_{t}"] = _num(row.get(f"ctr_{t}"))
+        names = self._feature_names.get(ent)
+        if names is None:  # (feature name, row column) pairs, built once per entity type
+            cols = [*ENTITY_STATS, *(f"ctr_{t}" for t in self.features.tags)]
+            names = self._feature_names[ent] = [(f"{ent}_{c}", c) for c in cols]
+        if not row:
+            out.update(dict.fromkeys(n for n, _ in names))
+            return out
+        get = row.get
+        for name, col in names:
+            out[name] = _num(get(col))
         return out
 
     def request_features(self, req: AdRequestData, category: str | None, user_row: dict | None,

@@ -409,7 +409,9 @@ def test_columnar_examples_match_the_model_conversion(registry, one_torch_thread
     learner = build_learner(ModelRegistry(root, "ctr").load(v1)[0])
     exs = [{"user_id": f"u{i}", "query": "q", "ad_id": f"a{i:04d}", "creative_id": None, "bidword": "b",
             "category": "c", "position": i % 3, "bid": 1.0, "event_time": 5.0,
-            "features": {"ad_ctr_1h": [0.1, None, "x", float("nan"), True, 3][i % 6], "user_ctr_1h": i}}
+            "features": {"ad_ctr_1h": [0.1, None, "x", float("nan"), True, 3][i % 6],
+                         # plain numbers, None, bool and inf only: the one-conversion path
+                         "user_ctr_1h": [i, None, float("inf"), False, 0.25, -float("inf")][i % 6]}}
            for i in range(12)]
     fields, numeric = learner.fields, learner.config.numeric
     a, b = examples_to_raw(exs, fields, numeric), raw_from_examples(exs, fields, numeric)

@@ -38,6 +38,9 @@ WARM_EXAMPLE = {"user_id": "warm-u", "query": "warm", "ad_id": "warm-a", "creati
                 "domain": "search", "event_time": 0.0, "features": {}}
 
 
+_PLAIN_NUMBERS = frozenset({int, float, bool, type(None)})
+
+
 def examples_to_raw(examples: Sequence[Mapping[str, Any]], fields: Sequence[str], numeric: Sequence[str]) -> RawBatch:
     """Example dicts -> ``RawBatch`` with the semantics of :func:`raw_from_examples` (a name is looked
     up at the top level, then in ``features``; missing/invalid numbers are NaN), built column by
@@ -51,16 +54,28 @@ def examples_to_raw(examples: Sequence[Mapping[str, Any]], fields: Sequence[str]
         cats[f] = col
     dense = np.full((n, len(numeric)), np.nan, dtype=np.float32)
     for j, f in enumerate(numeric):
-        for i, (ex, fe) in enumerate(zip(examples, feats)):
-            v = ex[f] if f in ex else fe.get(f)
+        vals = [ex[f] if f in ex else fe.get(f) for ex, fe in zip(examples, feats)]
+        if set(map(type, vals)) <= _PLAIN_NUMBERS:  # the serving case: one numpy conversion
+            try:
+                col = np.array(vals, dtype=np.float64)  # None -> NaN, bool -> 0/1 as float() does
+            except OverflowError:  # an int too large for a float: the general path decides
+                col = None
+            if col is not None:
+                col[~np.isfinite(col)] = np.nan
+                dense[:, j] = col
+                continue
+        for i, v in enumerate(vals):
             if v is None:
                 continue
             if isinstance(v, (int, float)):
-                x = float(v)
+                try:
+                    x = float(v)
+                except OverflowError:
+                    continue
             else:
                 try:
                     x = float(v)
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):
                     continue
             if math.isfinite(x):
                 dense[i, j] = x
