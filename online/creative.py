@@ -88,29 +88,32 @@ class CreativeStage:
         """The served CR+ reads the ad ranker's pCTR of the request (it cannot run in parallel)."""
         return model is not None and getattr(model.model, "pctr_source", "") == "ar"
 
-    def rows(self, user_id: str, domain: str, context: dict[str, Any], cands: Sequence[Candidate], position: int,
-             event_time: float, ad_pctr: Sequence[float] | None = None) -> list[dict[str, Any]]:
-        """One example-shaped row per (candidate ad, creative): the request's context (shared), the ad,
-        the creative and its content (from the catalog)."""
-        out = []
+    def batch(self, user_id: str, domain: str, context: dict[str, Any], cands: Sequence[Candidate], position: int,
+             event_time: float, ad_pctr: Sequence[float] | None = None) -> dict[str, Any]:
+        """The candidates as a grouped batch (``CreativeRankerModel.predict``): the request's context
+        once, the ads' fields once per ad, the creatives and their content (from the catalog) once
+        per creative."""
         content = self.index.creative_content
-        for j, c in enumerate(cands):
-            shared = dict(context)
-            if c.advertiser:
-                shared["advertiser"] = c.advertiser
-            for cr in c.creatives:
-                row = {"user_id": user_id, "domain": domain, "position": position, "ad_id": c.ad_id,
-                       "category": c.category, "creative_id": cr, "event_time": event_time, "features": shared}
-                row.update(content(cr))
-                if ad_pctr is not None:
-                    row["ad_pctr"] = float(ad_pctr[j])
-                out.append(row)
-        return out
+        crs = [cr for c in cands for cr in c.creatives]
+        feats = [content(cr) for cr in crs]
+        keys = {k for f in feats for k in f}
+        creatives: dict[str, list[Any]] = {"creative_id": crs}
+        for k in keys:
+            creatives[k] = [f.get(k) for f in feats]
+        return {
+            "context": {**context, "user_id": user_id, "domain": domain, "position": position,
+                        "event_time": event_time},
+            "ads": {"ad_id": [c.ad_id for c in cands], "category": [c.category for c in cands],
+                    "advertiser": [c.advertiser or None for c in cands]},
+            "counts": [len(c.creatives) for c in cands],
+            "creatives": creatives,
+            "ad_pctr": None if ad_pctr is None else [float(x) for x in ad_pctr],
+        }
 
     def rank(self, model: LoadedModel | None, rows_fn, cands: Sequence[Candidate],
              creative_rows: list[list[dict | None]], priors: list[float], request_id: str,
              degraded: list[str]) -> CreativeChoice:
-        """The chosen creative per candidate. ``rows_fn()`` builds the model's candidate rows (only
+        """The chosen creative per candidate. ``rows_fn()`` builds the model's candidate batch (only
         called when a model is served); ``creative_rows`` are the creatives' stream statistics."""
         k = self.beta.strength
         means: list[list[float]]

@@ -419,7 +419,7 @@ class AdService:
         ranker, why = "ctr", "off"
 
         def rows_fn(ad_pctr=None):
-            return self.creative.rows(req.user_id, req.domain, base, cands, pos, event_time, ad_pctr)
+            return self.creative.batch(req.user_id, req.domain, base, cands, pos, event_time, ad_pctr)
 
         if cands:
             cr_args = (cr_model, rows_fn, cands, cr_rows, priors, request_id, cr_degraded)

@@ -155,7 +155,8 @@ def test_cr_plus_reading_the_ad_pctr_runs_after_the_ad_ranker(jac_registry, one_
             assert out["model_versions"]["creative_ranker"] == "jac-cr-seq"
             assert _key(out) == _key(svc.handle(req, parallel=False))
         assert svc.parallel_calls == before  # it waited for the ad ranker
-        assert all("ad_pctr" in r and 0 < r["ad_pctr"] < 1 for rows in seen for r in rows)
+        assert seen and all(len(b["ad_pctr"]) == len(b["counts"]) and all(0 < p < 1 for p in b["ad_pctr"])
+                            for b in seen)
     finally:
         svc.close()
 

@@ -13,7 +13,7 @@ context, not from an untrained row.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,16 @@ from models.creative.config import JACConfig
 from models.creative.quantise import PctrBucketEmbed
 from models.ctr import IdMapper, RawBatch
 from models.ctr.features import RunningStandardizer
+
+
+def _float(v: Any) -> float:
+    if v is None or isinstance(v, bool):
+        return float("nan")
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+    return x if math.isfinite(x) else float("nan")
 
 
 class CRNet(nn.Module):
@@ -93,6 +103,41 @@ class CreativeCore:
         if train:
             self.std.update(raw.dense)
         return t_rows, torch.from_numpy(self.std.transform(raw.dense))
+
+    def encode_grouped(self, context: Mapping[str, Any], ads: Mapping[str, Sequence[Any]], counts: np.ndarray,
+                       creatives: Mapping[str, Sequence[Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Serving: (rows, dense) of ``counts.sum()`` candidate rows given at three levels, each value
+        looked up once at its level and broadcast: ``context`` (one value: the request), ``ads`` (one
+        per ad), ``creatives`` (one per row, ads' creatives in order). A field given nowhere is
+        missing (its own row). The same rows as :meth:`encode` of the flattened rows."""
+        n = int(counts.sum())
+
+        def column(f: str, dtype) -> tuple[np.ndarray, str]:
+            if f in creatives:
+                return np.asarray(creatives[f], dtype=dtype), "creative"
+            if f in ads:
+                return np.asarray(ads[f], dtype=dtype), "ad"
+            return np.asarray([context.get(f)], dtype=dtype), "context"
+
+        def spread(v: np.ndarray, level: str) -> np.ndarray:
+            return v if level == "creative" else np.repeat(v, counts) if level == "ad" else np.repeat(v, n)
+
+        rows = np.empty((n, len(self.fields)), dtype=np.int64)
+        for fi, (f, m) in enumerate(zip(self.fields, self.mappers)):
+            vals, level = column(f, object)
+            rows[:, fi] = spread(m.lookup(vals), level)
+        dense = np.empty((n, len(self.numeric)), dtype=np.float32)
+        for j, f in enumerate(self.numeric):
+            vals, level = column(f, object)
+            dense[:, j] = spread(np.array([_float(v) for v in vals], dtype=np.float32), level)
+        return torch.from_numpy(rows), torch.from_numpy(self.std.transform(dense))
+
+    def logits_grouped(self, context: Mapping[str, Any], ads: Mapping[str, Sequence[Any]], counts: np.ndarray,
+                       creatives: Mapping[str, Sequence[Any]], p_ad: np.ndarray | None) -> np.ndarray:
+        rows, dense = self.encode_grouped(context, ads, counts, creatives)
+        pt = None if p_ad is None else torch.as_tensor(np.repeat(np.asarray(p_ad, dtype=np.float32), counts))
+        with torch.no_grad():
+            return self.net(rows, dense, pt).numpy().astype(np.float64)
 
     def reset_rows(self, fi: int, rows: np.ndarray, opt: torch.optim.Optimizer | None) -> None:
         """A row that got a new owner starts fresh (init values, no optimizer history)."""

@@ -114,13 +114,33 @@ class CreativeRankerModel:
         raw = raw_from_examples(records, self._cr_cats, self._cr_nums)
         return window_scores(self.cfg, raw, self._cr_cats, self._cr_nums, lambda r: self.logits(r))
 
-    def predict(self, inputs: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """Click probabilities of candidate rows (see the module docstring)."""
+    def predict(self, inputs: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> np.ndarray:
+        """Click probabilities of candidate rows (see the module docstring), or of a grouped batch
+        ``{"context": {...}, "ads": {field: [one per ad]}, "counts": [creatives per ad],
+        "creatives": {field: [one per creative]}, "ad_pctr": [one per ad] | None}`` (the service's
+        form: each value looked up once at its level; the same scores as the rows)."""
+        if isinstance(inputs, Mapping):
+            return self._predict_grouped(inputs)
         raw = examples_to_raw(inputs, self._cr_cats, self._cr_nums)
         given = None
         if self.cfg.joint and self.cfg.pctr_source == "ar":
             given = np.array([float(r.get("ad_pctr", math.nan) or math.nan) for r in inputs], dtype=np.float64)
         return _sigmoid(self.logits(raw, given))
+
+    def _predict_grouped(self, b: Mapping[str, Any]) -> np.ndarray:
+        counts = np.asarray(b["counts"], dtype=np.int64)
+        ads = b.get("ads") or {}
+        p = None
+        if self.cfg.joint:
+            ad_ids = np.asarray(ads.get(self.cfg.ad_field, [None] * len(counts)), dtype=object)
+            src = self.cfg.pctr_source
+            p = self.core.fixed_pctr(len(counts)) if src == "fixed" else self.core.cached_pctr(ad_ids)
+            given = b.get("ad_pctr")
+            if src == "ar" and given is not None:
+                g = np.asarray(given, dtype=np.float64)
+                p = np.where(np.isfinite(g), g, p)
+        z = self.core.logits_grouped(b.get("context") or {}, ads, counts, b.get("creatives") or {}, p)
+        return _sigmoid(z)
 
     def state(self) -> dict[str, Any]:
         return {"config": self.cfg.to_dict(), "cr": self.core.state_dict(), "kind": "creative-ranker"}
