@@ -62,11 +62,13 @@ def test_any_file_of_that_shape_works(tmp_path):
     cr = np.where(ad == 0, 0, rng.integers(0, 3, n))
     y = (rng.random(n) < 0.05 + 0.05 * (cr == 1)).astype(int)
     f = tmp_path / "tiny.parquet"
-    pd.DataFrame({"a": ad, "c": cr, "y": y, "u": rng.integers(0, 50, n)}).to_parquet(f)
+    pd.DataFrame({"a": ad, "c": cr, "y": y, "u": rng.integers(0, 50, n), "p": rng.uniform(0.1, 0.9, n)}).to_parquet(f)
     out = tmp_path / "o"
     assert _run(["--data", str(f), "--ad-col", "a", "--creative-col", "c", "--label-col", "y", "--categorical", "u",
-                 "--seeds", "1", "--out", str(out)]) == 0
+                 "--propensity-col", "p", "--seeds", "1", "--out", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())
+    # the logging policy is what the propensities describe: its NSCTR is the logged CTR, unweighted
+    assert rep["rankers"]["logged"]["nsctr"] == pytest.approx(rep["data"]["test_ctr"])
     assert 0 < rep["data"]["single_creative_impression_share"] < 0.3
     assert rep["rankers"]["beta"]["nsctr_multi"] != rep["rankers"]["beta"]["nsctr"]
 

@@ -240,7 +240,9 @@ def ranker_metrics(split: Split, cols: CreativeColumns, scores: np.ndarray | Non
     df, e = split.df, split.exp
     y = df[cols.label].to_numpy(dtype=np.float64)
     ads = df[cols.ad].to_numpy(dtype=object)
-    prop = df[cols.propensity].to_numpy(dtype=np.float64) if cols.propensity else None
+    # inverse-propensity weights are for a deterministic ranker's matches; the logging policy is the
+    # policy the propensities describe, so its own impressions all count once (NSCTR = the logged CTR)
+    prop = df[cols.propensity].to_numpy(dtype=np.float64) if cols.propensity and scores is not None else None
     n_cand = np.diff(e.offsets)
     if scores is None:
         matched, cold_matched, shown_score = np.ones(len(df)), np.ones(len(df)), None
