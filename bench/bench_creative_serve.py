@@ -146,6 +146,32 @@ def result(v: dict) -> dict:
     return res
 
 
+def alone(app, idx, n: int = 50) -> dict:
+    """AR+ on the 200 candidates and CR+ on their 1000 creatives, each called alone (no other thread),
+    min and median over ``n`` calls: the cost of each model without contention."""
+    svc = app.state.service
+    cands = idx.candidates(idx.match_bidwords(QUERY), CATEGORY, N_ADS)
+    exs = [svc.example(_req(), c, c.creatives[0], 0, {"segment": "s1"}, 0.0) for c in cands]
+    batch = svc.creative.batch("bu001", "search", {"segment": "s1"}, cands, 0, 0.0)
+    ar, cr = svc.loader.current, svc.creative.current()
+
+    def timed(fn) -> dict:
+        xs = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            xs.append(time.perf_counter() - t0)
+        return {"min_ms": round(min(xs) * 1000, 3), "p50_ms": round(pct(xs, 50) * 1000, 3)}
+
+    return {"ar_plus_200_ads": timed(lambda: ar.predict(exs)), "cr_plus_1000_creatives": timed(lambda: cr.predict(batch))}
+
+
+def _req():
+    from online.service import AdRequestData
+
+    return AdRequestData(user_id="bu001", query=QUERY, slots=5)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=300)
@@ -173,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                         for i in range(per):
                             request(c, v, r * per + i, record=True)
             results = [result(v) for v in vs]
+            isolated = alone(vs[1]["app"], idx)
         finally:
             for v in vs:
                 v["server"].stop()
@@ -181,13 +208,14 @@ def main(argv: list[str] | None = None) -> int:
               f"creative_rank {r['creative_rank']['mean_ms']:6.2f}  rank {r['rank']['mean_ms']:6.2f}  "
               f"total {r['total']['mean_ms']:6.2f} ms  creative share {r['creative_share_of_total']:.1%}  "
               f"rank/ad_rank {r['rank_over_ad_rank']:.2f}", flush=True)
+    print(f"alone: {isolated}")
     import os
 
     out = {"command": "python bench/bench_creative_serve.py " + " ".join(argv or []),
            "setup": {"ads": N_ADS, "creatives_per_ad": N_CREATIVES, "requests": args.requests,
                      "feature_store": "none (creative statistics empty)", "cpu_count": os.cpu_count(),
                      "load_avg": os.getloadavg(), "python": platform.python_version()},
-           "variants": results}
+           "variants": results, "alone": isolated}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")
