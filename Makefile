@@ -21,12 +21,18 @@ $(STAMP): requirements/base.txt requirements/constraints.txt pyproject.toml
 
 install: $(STAMP)
 
-demo: install
+# system programs (Java, Maven, redis-server, ...): installed with apt-get as root, else one message
+# with the exact command; then the broker's jars (cached under ~/.cache/adstream)
+services-%:
+	tools/ensure-services $*
+	$(BIN)/adstream broker fetch
+
+demo: install services-demo
 	$(BIN)/adstream demo
 
-test: install
-	$(BIN)/adstream broker fetch
-	$(BIN)/python -m pytest -q --timeout=900 tests
+# ADSTREAM_REQUIRE_SERVICES: a test skipped because a service is missing counts as a failure
+test: install services-test
+	ADSTREAM_REQUIRE_SERVICES=1 $(BIN)/python -m pytest -q --timeout=900 tests
 
 # short versions of every speed benchmark, one table (ours vs a baseline measured in the same run);
 # JSON in bench/results/bench.json. About 10-15 minutes on the 2-core development machine.

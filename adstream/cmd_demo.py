@@ -112,7 +112,7 @@ def _print_summary(summary: dict, wall: float, plot: Path | None, out_json: Path
 
 def _run(args: argparse.Namespace) -> int:
     from adstream.cli import settings_from_args
-    from adstream.loop import LoopConfig, plot_loop, run_loop
+    from adstream.loop import LoopConfig, WorkerFailed, plot_loop, run_loop
     from core.settings import BrokerSettings
     from streams.broker import EmbeddedBroker
 
@@ -132,6 +132,7 @@ def _run(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     broker = None
     t0 = time.monotonic()
+    ok = False
     try:
         if s.kafka.bootstrap:
             bootstrap = s.kafka.bootstrap
@@ -150,12 +151,40 @@ def _run(args: argparse.Namespace) -> int:
         out_json.write_text(json.dumps(summary, indent=1, default=str))
         _print_summary(summary, time.monotonic() - t0, plot, out_json)
         tr = summary["traffic"]
-        ok = tr["ok"] > 0 and summary["examples"]["from_traffic"] > 0 and summary["registry"]["published"]
+        ok = bool(tr["ok"] > 0 and summary["examples"]["from_traffic"] > 0 and summary["registry"]["published"])
         if not ok:
             print("incomplete: no traffic answered, no examples from it, or no model published", file=sys.stderr)
+            _show_logs(root, None)
         return 0 if ok else 1
+    except WorkerFailed as e:
+        print(f"\ndemo failed: {e}", file=sys.stderr)
+        _show_logs(root, e.name)
+        return 1
+    except BaseException as e:
+        if not isinstance(e, KeyboardInterrupt):
+            print(f"\ndemo failed: {type(e).__name__}: {e}", file=sys.stderr)
+            _show_logs(root, None)
+        raise
     finally:
         if broker is not None:
             broker.stop()
-        if not args.keep:
+        if ok and not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+        elif root.exists():
+            print(f"demo state and logs kept in {root}", file=sys.stderr)
+
+
+def _show_logs(root: Path, failed: str | None, lines: int = 40) -> None:
+    """The last lines of the failing process's log (or of every worker log when it is unknown)."""
+    from adstream.loop import log_tail
+
+    logs = root / "logs"
+    names = [failed] if failed else sorted(p.stem for p in logs.glob("*.log")) if logs.is_dir() else []
+    for name in names:
+        tail = log_tail(logs / f"{name}.log", lines)
+        print(f"--- last {lines} lines of {logs / (name + '.log')} ---", file=sys.stderr)
+        print(tail or "(empty)", file=sys.stderr)
+    if root.joinpath("broker").is_dir():
+        for f in sorted(root.joinpath("broker").glob("*.log"))[:1]:
+            if not failed:
+                print(f"--- last 15 lines of {f} ---\n{log_tail(f, 15)}", file=sys.stderr)

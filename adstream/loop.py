@@ -53,6 +53,26 @@ class LoopConfig:
     drain_timeout_s: float = 120.0
 
 
+class WorkerFailed(RuntimeError):
+    """A worker process of the loop exited with an error (``name``, its ``log`` and return code)."""
+
+    def __init__(self, name: str, returncode: int, log: Path) -> None:
+        super().__init__(f"{name} exited with {returncode}; see {log}")
+        self.name, self.returncode, self.log = name, returncode, log
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log file ("" when there is none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
 @dataclass
 class Loop:
     """The running parts (for the caller's ``finally``)."""
@@ -61,10 +81,18 @@ class Loop:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # for every process: the topic names
 
+    def log_of(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.log"
+
     def check(self) -> None:
         for name, p in self.procs.items():
             if p.poll() not in (None, 0):
-                raise RuntimeError(f"{name} exited with {p.returncode}; see {self.root / 'logs' / (name + '.log')}")
+                raise WorkerFailed(name, p.returncode, self.log_of(name))
+
+    def failed(self) -> list[tuple[str, int]]:
+        """Workers that exited with an error (SIGTERM/SIGKILL sent by ``stop`` do not count)."""
+        return [(n, p.returncode) for n, p in self.procs.items()
+                if p.returncode not in (None, 0, -signal.SIGTERM, -signal.SIGKILL)]
 
     def stop(self, names: list[str] | None = None, timeout_s: float = 30.0) -> None:
         names = list(self.procs) if names is None else names

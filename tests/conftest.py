@@ -4,7 +4,17 @@
   ports in a temporary directory. ``ADSTREAM_TEST_BOOTSTRAP=host:port`` uses that cluster instead
   (an :class:`~tests.harness.ExternalBroker`). ``ADSTREAM_TEST_BROKER_KIND=tansu`` runs the fallback.
 - ``fresh_broker`` (function): a broker of its own, for tests that kill or restart it.
-- ``redis_server`` (session): Debian's ``redis-server`` (skipped with a clear message if missing).
+- ``redis_server`` (session): Debian's ``redis-server`` (skipped with a clear message if missing; a
+  failure under ``make test`` and CI, see below).
+
+Hygiene, for every run:
+
+- The tests run in a temporary working directory (relative paths such as the ``.adstream/`` state
+  defaults land there), and at the end the repository is checked for files the run left behind:
+  any new untracked or ignored file fails the session ("tests write only under temporary
+  directories").
+- A test skipped because a service is missing (``tests.harness.SERVICE_MISSING``) is a failure when
+  ``ADSTREAM_REQUIRE_SERVICES`` (``make test``) or ``CI`` is set: never a green run without them.
 - ``unique_topic_prefix`` / ``topic_names`` / ``kafka_settings``: names no other test uses, so tests
   on the shared broker do not interfere.
 """
@@ -13,14 +23,90 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from core.settings import BrokerSettings, KafkaSettings, TopicNames
 from streams.broker import EmbeddedBroker
-from tests.harness import ExternalBroker, RedisServer, RedisUnavailable
+from tests.harness import SERVICE_MISSING, ExternalBroker, RedisServer, RedisUnavailable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def require_services() -> bool:
+    return any(os.environ.get(v, "").strip().lower() not in ("", "0", "false", "no")
+               for v in ("ADSTREAM_REQUIRE_SERVICES", "CI"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and require_services():
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        if SERVICE_MISSING in str(reason):
+            rep.outcome = "failed"
+            rep.longrepr = (f"{reason}\n(a skip for a missing service is a failure under `make test` and CI: "
+                            "ADSTREAM_REQUIRE_SERVICES / CI is set)")
+
+
+# ---- tests write only under temporary directories --------------------------------------------
+
+_IGNORE_LEFT = ("__pycache__", ".pytest_cache", ".egg-info", ".venv")
+
+
+def _repo_leftovers() -> set[str] | None:
+    """Untracked and ignored paths in the repository (None when git cannot tell)."""
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--ignored", "--untracked-files=all"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    paths = set()
+    for line in out.stdout.splitlines():
+        if line[:2] in ("??", "!!"):
+            path = line[3:].strip().strip('"')
+            if not any(part in path for part in _IGNORE_LEFT):
+                paths.add(path)
+    return paths
+
+
+def pytest_sessionstart(session):
+    session.config._adstream_left_before = _repo_leftovers()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_adstream_left_before", None)
+    after = _repo_leftovers()
+    if before is None or after is None:
+        return
+    new = sorted(after - before)
+    if new:
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        msg = (f"the tests left {len(new)} files in the repository (tests write only under temporary "
+               f"directories): {new[:10]}")
+        if tr is not None:
+            tr.write_line("ERROR: " + msg, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _run_in_a_temporary_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Relative paths (``.adstream/`` defaults, ``.hypothesis/``) resolve under a temporary
+    directory, not the repository."""
+    work = tmp_path_factory.mktemp("cwd")
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def _broker_settings() -> BrokerSettings:
@@ -62,7 +148,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     try:
         server = RedisServer(tmp_path_factory.mktemp("redis"))
     except RedisUnavailable as e:
-        pytest.skip(str(e))
+        pytest.skip(SERVICE_MISSING + str(e))
     server.start()
     try:
         yield server

@@ -15,7 +15,18 @@ from pathlib import Path
 
 from streams.broker import free_port, port_open
 
-__all__ = ["free_port", "port_open", "wait_for", "ExternalBroker", "RedisServer", "RedisUnavailable"]
+__all__ = ["free_port", "port_open", "wait_for", "ExternalBroker", "RedisServer", "RedisUnavailable",
+           "SERVICE_MISSING", "skip_service_missing"]
+
+# the start of every skip message that means "a service this test needs is not installed": under
+# `make test` and CI (ADSTREAM_REQUIRE_SERVICES / CI) such a skip is reported as a failure
+SERVICE_MISSING = "service missing: "
+
+
+def skip_service_missing(what: str) -> None:
+    import pytest
+
+    pytest.skip(SERVICE_MISSING + what)
 
 
 def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.1, what: str = "condition"):
@@ -49,8 +60,8 @@ class RedisServer:
         found = binary or shutil.which("redis-server")
         if not found:
             raise RedisUnavailable(
-                "redis-server is not installed; install it with "
-                "`apt-get install -y --no-install-recommends redis-server`")
+                "redis-server is not installed; `make test` installs it (as root), or run "
+                "`sudo apt-get install -y --no-install-recommends redis-server`")
         self.binary: str = found
         self.work_dir = Path(work_dir)
         self.host = "127.0.0.1"

@@ -61,7 +61,8 @@ def start_joiner(bootstrap, prefix, app_id, log_path, idle_flush=3.0, runtime="f
     if idle_flush is not None:
         cmd += ["--idle-flush", str(idle_flush)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, cwd=Path(log_path).parent, env=env, stdout=open(log_path, "ab"),
+                            stderr=subprocess.STDOUT)
 
 
 def stop(proc, sig=signal.SIGTERM, timeout=30):
