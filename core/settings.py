@@ -89,6 +89,9 @@ class FeatureSettings(BaseModel):
     # False = every online read/write goes through Feast's provider
     fast_path: bool = True
     redis_timeout_s: float = Field(2.0, gt=0)  # socket timeout of the fast path's Redis client
+    # Feast's redis_type: "redis" (redis_url = host:port) or "redis_cluster" (host:port,host:port,...)
+    redis_type: str = Field("redis", pattern="^(redis|redis_cluster)$")
+    redis_key_ttl_s: int | None = Field(None, gt=0)  # Feast's key_ttl_seconds: rows expire unless rewritten
     # the feature updater counts an event once: event ids seen within this much event time of the
     # newest are remembered (checkpointed), at most dedup_max_keys of them
     dedup_horizon_s: float = Field(3600.0, gt=0)

@@ -18,7 +18,13 @@ reads the stored ``event_time`` feature and writes the row only if its event tim
 equal** (a late event changes a row without moving its newest event time). The check runs inside
 Redis, so it holds across restarts and for several writers of the same key, and a replayed write is
 idempotent. Reads: one pipeline of ``HMGET`` (one round trip) for every key of every view of a
-request. Standalone Redis only (a multi-key script cannot span Redis Cluster slots).
+request.
+
+Redis Cluster (Feast's ``redis_type: redis_cluster``; ``host:port,host:port,...``): the same
+bytes and the same script, sent through redis-py's cluster pipeline one key per script call (a
+script's keys must share a slot), and reads as one pipelined ``HMGET`` per key, grouped by node.
+``key_ttl_seconds`` (Feast's option, ``FeatureSettings.redis_key_ttl_s``) is honoured on both:
+every row written gets that TTL, as Feast's own writer does.
 """
 
 from __future__ import annotations
@@ -42,18 +48,23 @@ except ImportError:  # pragma: no cover - feast[redis] brings it; the fallback i
 #: a row is written when the stored event time is absent or not newer than the row's
 WRITE_LUA = """
 -- ARGV: n2 (arguments per row), p (position of the event_time value in a row's arguments), the
--- event_time field; then per key n2 arguments: field, value, field, value, ... (HSET's own order)
+-- event_time field, the key TTL in seconds (0 = none); then per key n2 arguments: field, value,
+-- field, value, ... (HSET's own order)
 local n2 = tonumber(ARGV[1])
 local p_et = tonumber(ARGV[2])
 local etf = ARGV[3]
+local ttl = tonumber(ARGV[4])
 local written = 0
 for i = 1, #KEYS do
-  local off = 3 + (i - 1) * n2
+  local off = 4 + (i - 1) * n2
   local t = struct.unpack('<d', ARGV[off + p_et], 2)
   local old = redis.call('HGET', KEYS[i], etf)
   if not (old and string.len(old) == 9 and string.byte(old, 1) == 41
           and struct.unpack('<d', old, 2) > t) then
     redis.call('HSET', KEYS[i], unpack(ARGV, off + 1, off + n2))
+    if ttl > 0 then
+      redis.call('EXPIRE', KEYS[i], ttl)
+    end
     written = written + 1
   end
 end
@@ -166,8 +177,10 @@ def _seconds(dt: datetime) -> int:
 class _View:
     """Precomputed layout of one feature view."""
 
-    def __init__(self, project: str, view: str, join_key: str, schema: Sequence[tuple[str, str]]):
+    def __init__(self, project: str, view: str, join_key: str, schema: Sequence[tuple[str, str]],
+                 ttl_s: int | None = None):
         self.view = view
+        self.ttl_s = int(ttl_s or 0)
         self.join_key = join_key
         self.names = [n for n, _ in schema]
         self.kinds = [k for _, k in schema]
@@ -194,8 +207,8 @@ class _View:
         self._nf = len(self.read_fields) + 1
         q_et = self.n_int + self.dbl_idx.index(self.names.index("event_time"))
         et_field = self.fields[self.names.index("event_time")]
-        self._write_head = b"".join(_bulk(a) for a in [b"%d" % (2 * self._nf), b"%d" % (2 * q_et + 2),
-                                                       et_field])
+        self._write_argv = [b"%d" % (2 * self._nf), b"%d" % (2 * q_et + 2), et_field, b"%d" % self.ttl_s]
+        self._write_head = b"".join(_bulk(a) for a in self._write_argv)
         self._int_field_bulks = [_bulk(self.fields[i]) for i in self.int_idx]
         self._ts_field_bulk = _bulk(self.ts_field)
         # one double pair, RESP-framed: "$4\r\n<field>\r\n$9\r\n)" + 8 bytes + "\r\n"
@@ -226,7 +239,7 @@ class _View:
         for lo in range(0, n, WRITE_CHUNK):
             hi = min(lo + WRITE_CHUNK, n)
             m = hi - lo
-            parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n%b" % (3 + m + 3 + m * 2 * self._nf,
+            parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n%b" % (3 + m + 4 + m * 2 * self._nf,
                                                                   sha, _bulk(b"%d" % m))]
             for k in keys[lo:hi]:
                 kb = k.encode()
@@ -241,6 +254,24 @@ class _View:
                 parts.append(_bulk(timestamp_bytes(times[r])))
             cmds.append(b"".join(parts))
         return cmds
+
+    def write_args(self, cols: Mapping[str, Sequence[Any]]) -> list[tuple[bytes, list[bytes]]]:
+        """Per row (key, script arguments) for one-key calls of :data:`WRITE_LUA` (Redis Cluster)."""
+        keys = cols.get(self.join_key)
+        if not keys:
+            return []
+        ints = [(self.fields[i], cols[self.names[i]]) for i in self.int_idx]
+        dbls = [(self.fields[i], cols[self.names[i]]) for i in self.dbl_idx]
+        out = []
+        for r, k in enumerate(keys):
+            args = list(self._write_argv)
+            for f, c in ints:
+                args += [f, int64_value(int(c[r]))]
+            for f, c in dbls:
+                args += [f, b")" + struct.pack("<d", float(c[r]))]
+            args += [self.ts_field, timestamp_bytes(cols["event_time"][r])]
+            out.append((self.key(k), args))
+        return out
 
     def hmget(self, k: str) -> bytes:
         kb = k.encode()
@@ -302,6 +333,28 @@ def _read_replies(conn: Any, n: int) -> list[Any]:
     return out
 
 
+def _cluster_client(url: str, timeout_s: float) -> Any:
+    """A redis-py ``RedisCluster`` from Feast's cluster connection string (``host:port,...``)."""
+    from redis.cluster import ClusterNode, RedisCluster
+
+    nodes, params = [], {}
+    for part in (p for p in url.split(",") if p):
+        if "=" in part:
+            k, _, v = part.partition("=")
+            params[k] = v
+        else:
+            host, port = part.rsplit(":", 1)
+            nodes.append(ClusterNode(host, int(port)))
+    if not nodes:
+        raise ValueError(f"redis cluster url must list host:port nodes, got {url!r}")
+    kw: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if "password" in params:
+        kw["password"] = params["password"]
+    if str(params.get("ssl", "")).lower() == "true":
+        kw["ssl"] = True
+    return RedisCluster(startup_nodes=nodes, **kw)
+
+
 def _generic(v: bytes | None) -> Any:
     """Any Value proto -> its Python value (None for absent/empty)."""
     if not v:
@@ -320,19 +373,25 @@ class RedisFeatureIO:
     """Writer and reader of the adstream feature views in Feast's Redis layout."""
 
     def __init__(self, url: str, project: str, views: Mapping[str, tuple[str, str]],
-                 schema: Sequence[tuple[str, str]], timeout_s: float = 2.0) -> None:
-        """``views``: entity type -> (feature view name, join key)."""
-        kw = parse_redis_url(url)
-        kw.setdefault("socket_timeout", timeout_s)
-        kw.setdefault("socket_connect_timeout", timeout_s)
-        # fail fast: redis-py's default retries with backoff would hold a request for seconds while
-        # Redis is down; callers (the online service's breaker, the updater's restart) decide
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
+                 schema: Sequence[tuple[str, str]], timeout_s: float = 2.0, cluster: bool = False,
+                 key_ttl_s: int | None = None) -> None:
+        """``views``: entity type -> (feature view name, join key). ``cluster``: ``url`` lists the
+        startup nodes of a Redis Cluster. ``key_ttl_s``: TTL of every row written (None = none)."""
+        self.cluster = cluster
+        if cluster:
+            self.redis = _cluster_client(url, timeout_s)
+        else:
+            kw = parse_redis_url(url)
+            kw.setdefault("socket_timeout", timeout_s)
+            kw.setdefault("socket_connect_timeout", timeout_s)
+            # fail fast: redis-py's default retries with backoff would hold a request for seconds
+            # while Redis is down; callers (the online service's breaker, the updater's restart) decide
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
 
-        kw.setdefault("retry", Retry(NoBackoff(), 0))
-        self.redis = redis.Redis(**kw)
-        self.views = {e: _View(project, v, jk, schema) for e, (v, jk) in views.items()}
+            kw.setdefault("retry", Retry(NoBackoff(), 0))
+            self.redis = redis.Redis(**kw)
+        self.views = {e: _View(project, v, jk, schema, key_ttl_s) for e, (v, jk) in views.items()}
         import hashlib
 
         self._sha = hashlib.sha1(WRITE_LUA.encode()).hexdigest().encode()
@@ -344,6 +403,8 @@ class RedisFeatureIO:
         again as a whole if Redis lost the script (a restart): writes are idempotent."""
         import redis.exceptions as rex
 
+        if self.cluster:
+            return self._write_cluster(rows_by_entity_type)
         cmds: list[bytes] = []
         order: list[str] = []
         for etype, cols in rows_by_entity_type.items():
@@ -368,6 +429,8 @@ class RedisFeatureIO:
         no row): one HMGET per key, all sent as one buffer and answered in one round trip (the
         commands are assembled from precomputed bytes; redis-py's pipeline bookkeeping cost more
         than Redis itself for 200 keys)."""
+        if self.cluster:
+            return self._read_cluster(requests)
         plan = []
         cmds: list[bytes] = []
         for etype, keys in requests:
@@ -385,6 +448,72 @@ class RedisFeatureIO:
                 vals = v.decode(res[pos])
                 pos += 1
                 got[k] = dict(zip(names, vals)) if vals is not None else None
+            out.append(got)
+        return out
+
+    # ---- Redis Cluster ---------------------------------------------------------------------------
+    def _write_cluster(self, rows_by_entity_type: Mapping[str, Mapping[str, Sequence[Any]]]) -> dict[str, int]:
+        """One-key script calls grouped by the node that serves each key's slot, one pipeline per
+        node (redis-py's cluster pipeline refuses scripts). A slot that moved meanwhile (MOVED,
+        a resharding) makes the whole write start again once with a fresh slot map: it is
+        idempotent."""
+        written: dict[str, int] = {e: 0 for e in rows_by_entity_type}
+        calls = [(etype, key, args) for etype, cols in rows_by_entity_type.items()
+                 for key, args in self.views[etype].write_args(cols)]
+        if not calls:
+            return written
+        for attempt in range(3):
+            by_node: dict[str, list[int]] = {}
+            nm = self.redis.nodes_manager
+            for i, (_e, key, _a) in enumerate(calls):
+                node = nm.get_node_from_slot(self.redis.keyslot(key))
+                by_node.setdefault(node.name, []).append(i)
+            res: list[Any] = [None] * len(calls)
+            try:
+                for name, idx in by_node.items():
+                    pipe = self.redis.get_redis_connection(nm.get_node(node_name=name)).pipeline(transaction=False)
+                    for i in idx:
+                        _e, key, args = calls[i]
+                        pipe.evalsha(self._sha, 1, key, *args)
+                    for i, r in zip(idx, pipe.execute()):
+                        res[i] = r
+                break
+            except redis.exceptions.NoScriptError:
+                self._load_script_everywhere()
+            except redis.exceptions.ResponseError as e:
+                if "MOVED" in str(e) or "ASK" in str(e):
+                    nm.initialize()
+                elif "NOSCRIPT" in str(e):
+                    self._load_script_everywhere()
+                else:
+                    raise
+        else:
+            raise redis.exceptions.ConnectionError("the cluster's slots kept moving during a write")
+        for (etype, _k, _a), n in zip(calls, res):
+            written[etype] += int(n)
+        return written
+
+    def _load_script_everywhere(self) -> None:
+        for node in self.redis.get_primaries():
+            self.redis.get_redis_connection(node).script_load(WRITE_LUA)
+
+    def _read_cluster(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[dict[str, dict[str, Any] | None]]:
+        pipe = self.redis.pipeline(transaction=False)
+        plan = []
+        for etype, keys in requests:
+            v = self.views[etype]
+            uniq = list(dict.fromkeys(keys))
+            for k in uniq:
+                pipe.hmget(v.key(k), v.read_fields)
+            plan.append((v, uniq))
+        res = pipe.execute()
+        out, pos = [], 0
+        for v, uniq in plan:
+            got: dict[str, dict[str, Any] | None] = {}
+            for k in uniq:
+                vals = v.decode(res[pos])
+                pos += 1
+                got[k] = dict(zip(v.read_names, vals)) if vals is not None else None
             out.append(got)
         return out
 

@@ -142,7 +142,8 @@ class FeatureStoreClient:
             self._fast = RedisFeatureIO(
                 settings.redis_url, self.store.config.project,
                 {e: (feast_repo.view_name(e), JOIN_KEYS[e]) for e in ENTITY_TYPES}, self.schema,
-                timeout_s=settings.redis_timeout_s)
+                timeout_s=settings.redis_timeout_s, cluster=settings.redis_type == "redis_cluster",
+                key_ttl_s=settings.redis_key_ttl_s)
 
     @property
     def fast_path(self) -> bool:
@@ -216,6 +217,10 @@ class FeatureStoreClient:
     def _marker_redis(self):
         if self._fast is not None:
             return self._fast.redis
+        if getattr(self, "_marker_client", None) is None and self.settings.redis_type == "redis_cluster":
+            from features.redis_online import _cluster_client
+
+            self._marker_client = _cluster_client(self.settings.redis_url, self.settings.redis_timeout_s)
         if getattr(self, "_marker_client", None) is None:
             import redis
 

@@ -56,7 +56,9 @@ class RedisUnavailable(RuntimeError):
 class RedisServer:
     """Debian's ``redis-server`` on 127.0.0.1, a free port, no persistence, in ``work_dir``."""
 
-    def __init__(self, work_dir: str | Path, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(self, work_dir: str | Path, port: int | None = None, binary: str | None = None,
+                 extra_args: list[str] | None = None) -> None:
+        self.extra_args = list(extra_args or [])
         found = binary or shutil.which("redis-server")
         if not found:
             raise RedisUnavailable(
@@ -82,7 +84,7 @@ class RedisServer:
         log = open(self.work_dir / "redis.log", "ab")
         self._proc = subprocess.Popen(
             [self.binary, "--bind", self.host, "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(self.work_dir), "--protected-mode", "yes", "--daemonize", "no"],
+             "--dir", str(self.work_dir), "--protected-mode", "yes", "--daemonize", "no", *self.extra_args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.work_dir)
         log.close()
         deadline = time.monotonic() + timeout_s
@@ -121,3 +123,46 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class RedisClusterServer:
+    """A local Redis Cluster: ``n`` redis-server nodes with ``--cluster-enabled yes`` on free ports of
+    127.0.0.1, joined with ``redis-cli --cluster create`` (masters only, slots split evenly)."""
+
+    def __init__(self, work_dir: str | Path, n: int = 3) -> None:
+        self.work_dir = Path(work_dir)
+        self.nodes = [RedisServer(self.work_dir / f"node{i}", extra_args=[
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"])
+            for i in range(n)]
+
+    @property
+    def address(self) -> str:
+        """``host:port,host:port,...``: Feast's connection string for ``redis_type: redis_cluster``."""
+        return ",".join(n.address for n in self.nodes)
+
+    def start(self, timeout_s: float = 60.0) -> "RedisClusterServer":
+        cli = shutil.which("redis-cli")
+        if not cli:
+            raise RedisUnavailable("redis-cli is not installed (Debian package redis-tools)")
+        for n in self.nodes:
+            n.start()
+        out = subprocess.run([cli, "--cluster", "create", *(n.address for n in self.nodes),
+                              "--cluster-replicas", "0", "--cluster-yes"],
+                             capture_output=True, text=True, timeout=timeout_s)
+        if out.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout[-1500:]} {out.stderr[-500:]}")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ok = all("cluster_state:ok" in subprocess.run(
+                [cli, "-h", n.host, "-p", str(n.port), "cluster", "info"], capture_output=True, text=True,
+                timeout=10).stdout for n in self.nodes)
+            if ok:
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"the Redis Cluster on {self.address} did not reach cluster_state:ok")
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()

@@ -51,6 +51,10 @@ def feature_store_yaml(settings: FeatureSettings) -> str:
             # every write in one round trip instead of Feast's read-then-write check
             "  skip_dedup: true\n"
         )
+        if settings.redis_type != "redis":
+            online += f"  redis_type: {settings.redis_type}\n"
+        if settings.redis_key_ttl_s:
+            online += f"  key_ttl_seconds: {int(settings.redis_key_ttl_s)}\n"
     else:
         online = f"online_store:\n  type: sqlite\n  path: {DATA_DIR}/online.db\n"
     return (
