@@ -165,6 +165,22 @@ def rows_serve(r: dict) -> list[dict]:
     return out
 
 
+def rows_shards(r: dict) -> list[dict]:
+    runs = r.get("runs") or {}
+    one = runs.get("1") or {}
+    n, many = next(((k, v) for k, v in runs.items() if k != "1"), (None, {}))
+    if not many:
+        return []
+    f1, fn = _g(one, "freshness_probe_s", "p99"), _g(many, "freshness_probe_s", "p99")
+    return [row(f"feature updaters x{n}: drain (events/s, all processes)", many.get("drain_events_per_s"),
+                one.get("drain_events_per_s"), "1 updater process, same backlog", ">= 20k ev/s per process",
+                None if many.get("drain_events_per_s") is None else many["drain_events_per_s"] / int(n) >= 20_000,
+                "ev/s", "the machine's 2 cores are shared; each process folds in Python (see updater row)"),
+            row(f"feature updaters x{n}: probe freshness p99 at {many.get('paced_rate'):g} ev/s (s)", fn, f1,
+                "1 updater process, same traffic", "<= 1 s at 10k ev/s", None if fn is None else fn <= 1.0, "s",
+                "offered rate above what the processes fold on this machine", higher_is_better=False)]
+
+
 def rows_clients(r: dict) -> list[dict]:
     out = []
     for job in ("produce", "consume"):
@@ -194,6 +210,8 @@ BENCHES: dict[str, tuple[list[str], Callable[[dict], list[dict]]]] = {
                    "--backbones", "deepfm"], rows_ctr_speed),
     "serve": (["bench/bench_serve_paced.py", "--rates", "50", "100", "200", "--seconds", "8", "--redis-url", "{R}"],
               rows_serve),
+    "shards": (["bench/bench_feature_shards.py", "--shards", "2", "--backlog", "20000", "--rate", "10000",
+                "--seconds", "8", "--bootstrap", "{B}", "--redis-url", "{R}"], rows_shards),
     "clients": (["bench/bench_clients.py", "--messages", "50000", "--bootstrap", "{B}"], rows_clients),
 }
 

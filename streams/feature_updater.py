@@ -1,8 +1,9 @@
 """The feature updater: impressions + clicks from Kafka -> streaming aggregates -> Feast.
 
-One process owns every partition of the impressions and clicks topics (explicit ``assign()``, no
-group rebalancing). Scaling out needs the input repartitioned by entity key first (each entity
-type's rows would then live in exactly one worker); that is future work.
+Each process reads every partition of the impressions and clicks topics (explicit ``assign()``, no
+group rebalancing). Scale-out by entity key: ``--shard I/N`` folds and writes only the rows shard I
+owns (``features.aggregates.owner``), so N processes write disjoint rows whose union is what one
+process writes.
 
 Loop
     consume -> ``core.codec.decode_batch`` per consumed batch (bad record -> dead-letter topic with the reason, counted,
