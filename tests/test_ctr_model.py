@@ -106,11 +106,23 @@ def test_mapper_admission_expiry_and_counts() -> None:
     assert m2.lookup(np.array(["a"], dtype=object)).tolist() == [rows2[0]] and m2.stats() == m.stats()
 
 
-def test_hash_mapper_is_stable() -> None:
-    m = IdMapper(capacity=101, mode="hash")
-    r1 = m.lookup(np.array(["x", 5, 5.0, None], dtype=object))
-    r2 = IdMapper(capacity=101, mode="hash").lookup(np.array(["x", 5, 5.0, None], dtype=object))
-    assert r1.tolist() == r2.tolist() and (r1 > 0).all()
+def test_hash_mapper_is_stable_across_processes() -> None:
+    """Rows must not depend on the process (Python's own str hash is salted per process)."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ["x", 5, 5.0, None, "ad-123", "query words"]
+    code = ("import numpy as np; from models.ctr import IdMapper; "
+            f"print(IdMapper(capacity=101, mode='hash').lookup(np.array({probe!r}, dtype=object)).tolist())")
+    outs = set()
+    for salt in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": salt}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+        outs.add(out.stdout.strip())
+    here = IdMapper(capacity=101, mode="hash").lookup(np.array(probe, dtype=object))
+    assert outs == {str(here.tolist())} and (here > 0).all()
+    assert len(set(here.tolist())) >= 4  # distinct values spread over the table
 
 
 def test_evicted_rows_are_reset_in_the_model() -> None:

@@ -96,3 +96,103 @@ def test_beta_table_state_roundtrip_and_decay() -> None:
     np.testing.assert_allclose(c1, c0 * 0.5)
     np.testing.assert_allclose(n1, n0 * 0.5)
     assert t.validate() == []
+
+
+def _raw(cats: dict, y: np.ndarray, t0: float = 0.0, i0: int = 0) -> RawBatch:
+    n = len(y)
+    return RawBatch({k: np.asarray(v, dtype=object) for k, v in cats.items()}, np.zeros((n, 0), np.float32),
+                    y.astype(np.float32), t0 + np.arange(n, dtype=float), i0 + np.arange(n))
+
+
+def test_count_prior_never_sees_the_labels_of_its_own_batch() -> None:
+    """A leakage trap: ``imp`` is unique per example, so its count-prior input could only tell the
+    label if the batch's own labels were fed to the prior before the batch was encoded. The prior
+    inputs the network trains on must carry no information about the label (AUC ≈ 0.5); with the
+    feed-then-encode order they separate the classes perfectly."""
+    from models.ctr import auc
+
+    rng = np.random.default_rng(0)
+    n = 4096
+    y = (rng.random(n) < 0.3).astype(np.float32)
+    raw = _raw({"imp": [f"i{k}" for k in range(n)], "ad": rng.integers(0, 20, n)}, y)
+    cfg = CTRConfig(fields=[FieldConfig("imp", 8192), FieldConfig("ad", 64)], fp="count", fp_strength=2.0,
+                    embedding_dim=4, hidden=(8,))
+    learner = CTRLearner(cfg)
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+    step = learner._step
+
+    def spy(inp, z_prev, lam):
+        seen.append((inp.prior_counts[:, 0].numpy().copy(), inp.labels.numpy().copy()))
+        return step(inp, z_prev, lam)
+
+    learner._step = spy  # type: ignore[method-assign]
+    learner.train_window(iter_batches(raw, 256))
+    u = np.concatenate([s[0] for s in seen])
+    lab = np.concatenate([s[1] for s in seen])
+    assert abs(auc(lab, u) - 0.5) < 0.05, auc(lab, u)
+    # the trap is live: the same statistics fed before encoding reveal every label
+    t = learner.count_prior
+    assert auc(lab, t.logits(np.stack([learner.mappers[0].lookup(raw.cats["imp"]), learner.mappers[1].lookup(raw.cats["ad"])], 1))[:, 0]) > 0.99
+
+
+def test_count_prior_is_bounded_by_id_expiry() -> None:
+    """The count table lives in the mappers' row space: its size is the table capacity, and a
+    recycled row forgets its previous owner's clicks, exactly like the embedding row."""
+    cfg = CTRConfig(fields=[FieldConfig("ad", 3, ttl=10.0)], fp="count", fp_strength=1.0, embedding_dim=4, hidden=(8,))
+    learner = CTRLearner(cfg)
+    learner.train_window([_raw({"ad": ["a"] * 50 + ["b"] * 50}, np.r_[np.ones(50), np.zeros(50)])])
+    t = learner.count_prior
+    assert [len(c) for c in t.clicks] == [3]  # the table never grows beyond the capacity
+    rows_ab = learner.mappers[0].lookup(np.array(["a", "b"], dtype=object))
+    assert t.logits(rows_ab[:1, None], centred=True)[0, 0] > 2.0  # "a": 50 clicks out of 50
+    assert t.imps[0][rows_ab].tolist() == [50.0, 50.0]
+    # 200 s later "c" arrives: "a" and "b" expire, "c" takes a recycled row, with empty counts
+    later = _raw({"ad": ["c"]}, np.zeros(1), t0=200.0, i0=100)
+    inp, n_reset = learner.encode(later, train=True)
+    row_c = int(inp.rows[0, 0])
+    assert learner.mappers[0].stats().evicted_total == 2 and row_c in rows_ab.tolist()
+    assert n_reset >= 1 and t.imps[0][row_c] == 0.0 and t.clicks[0][row_c] == 0.0
+    assert float(inp.prior_counts[0, 0]) == pytest.approx(0.0, abs=1e-6)  # the field mean: no evidence
+
+
+def test_learned_prior_checkpoint_keeps_its_optimizer_state() -> None:
+    rng = np.random.default_rng(1)
+    n = 3000
+    ads = rng.integers(0, 50, n)
+    y = (rng.random(n) < 0.05 + 0.4 * (ads % 5 == 0)).astype(np.float32)
+    raw = _raw({"ad": ads}, y)
+    cfg = CTRConfig(fields=[FieldConfig("ad", 64)], fp="learned", fp_use="both", embedding_dim=4, hidden=(8,),
+                    mp="posterior", mp_lambda_mode="evidence", mp_adapt="pv", first_order=True)
+    a = CTRLearner(cfg)
+    a.train_window(iter_batches(raw.slice(0, 1000), 128))
+    a.train_window(iter_batches(raw.slice(1000, 2000), 128))
+    b = CTRLearner(cfg)
+    b.load_state_dict(a.state_dict())
+    for opt_a, opt_b in ((a.fp_opt, b.fp_opt), (a.lin_opt, b.lin_opt)):
+        sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+        assert sa.keys() == sb.keys() and sa
+        for k in sa:
+            assert torch.equal(sa[k]["sum"], sb[k]["sum"]) and float(sa[k]["sum"].abs().sum()) > 0
+    # training on from the checkpoint is training on from the live learner
+    a.train_window(iter_batches(raw.slice(2000, 3000), 128))
+    b.train_window(iter_batches(raw.slice(2000, 3000), 128))
+    probe = raw.slice(0, 200)
+    np.testing.assert_allclose(a.predict(probe), b.predict(probe), rtol=0, atol=1e-6)
+    assert a.mp_scales == b.mp_scales
+
+
+def test_priors_start_from_the_data_ctr() -> None:
+    """The output bias and the learned prior's field means start at the logit of the first
+    window's CTR, not at a constant."""
+    y = np.r_[np.ones(30), np.zeros(970)]
+    raw = _raw({"ad": np.arange(1000) % 7}, y)
+    cfg = CTRConfig(fields=[FieldConfig("ad", 16)], fp="learned", embedding_dim=4, hidden=(8,),
+                    dense_lr=1e-12, fp_lr=1e-12, emb_lr=1e-12)
+    learner = CTRLearner(cfg)
+    learner.train_window([raw])
+    z0 = np.log(30.5 / 970.5)
+    assert float(learner.net.bias) == pytest.approx(z0, abs=1e-4)
+    np.testing.assert_allclose(learner.net.feature_prior.field_mean.detach().numpy(), z0, atol=1e-4)
+    off = CTRLearner(CTRConfig(**{**cfg.__dict__, "init_from_data": False}))
+    off.train_window([raw])
+    assert float(off.net.bias) == pytest.approx(0.0, abs=1e-4)

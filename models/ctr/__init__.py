@@ -8,7 +8,8 @@ API used by the stream trainer (all pure; see docs/ctr.md for the method and eve
         fields=[FieldConfig("ad_id", capacity=1 << 16, admission=2, ttl=7 * 86400), FieldConfig("query"), ...],
         numeric=["price"],          # looked up at the top level of an example dict, then in "features"
         backbone="dcn",             # or "deepfm"
-        fp="learned", mp="posterior", mp_lambda=1.0,
+        first_order=True,           # per-value bias (on in every evaluate-ctr / trainer preset)
+        fp="count", mp="posterior", mp_lambda=1.0, mp_lambda_mode="evidence", mp_adapt="pv",
     )
     learner = CTRLearner(cfg)
 
@@ -22,17 +23,18 @@ API used by the stream trainer (all pure; see docs/ctr.md for the method and eve
     assert learner.validate_state() == []   # no NaN/Inf, shapes consistent
 
 - ``train_window(batches, prev_model=None)``: with the Model Prior (or distillation) the prior is
-  the model as it was at the start of the window unless ``prev_model`` (an earlier
-  ``CTRLearner`` state / ``learner.snapshot()``) is given. Event times come from the examples
-  (``event_time``); nothing reads a clock.
+  the model as it was at the start of the window (a teacher pass scores the whole window before
+  training on it) unless ``prev_model`` (an earlier ``learner.snapshot()``, frozen) is given.
+  Event times come from the examples (``event_time``); nothing reads a clock.
 - ``raw_from_examples(dicts, categorical, numeric)`` turns example dicts into a :class:`RawBatch`;
   ``batched(iterable, n)`` groups a stream into lists of ``n``.
-- Building blocks: :class:`IdMapper` (admission + TTL expiry), :class:`BetaPriorTable` and
-  :class:`LearnedFeaturePrior` (Feature Prior), :mod:`models.ctr.losses` (Model Prior forms),
-  :func:`auc` / :func:`logloss`.
+- Building blocks: :class:`IdMapper` (admission + TTL expiry), :class:`RowCountPrior`,
+  :class:`BetaPriorTable` and :class:`LearnedFeaturePrior` (Feature Prior),
+  :mod:`models.ctr.losses` (Model Prior forms), :mod:`models.ctr.prior_strength` (per-example
+  strength, per-window scale), :func:`auc` / :func:`logloss`.
 """
 
-from models.ctr.ddp import BetaPriorTable, LearnedFeaturePrior
+from models.ctr.ddp import BetaPriorTable, LearnedFeaturePrior, RowCountPrior
 from models.ctr.features import RawBatch, batched, concat, iter_batches, raw_from_examples, raw_from_frame
 from models.ctr.hashing import IdMapper, MapperStats
 from models.ctr.metrics import auc, logloss
@@ -49,6 +51,7 @@ __all__ = [
     "LearnedFeaturePrior",
     "MapperStats",
     "RawBatch",
+    "RowCountPrior",
     "WindowStats",
     "auc",
     "batched",

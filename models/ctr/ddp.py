@@ -9,9 +9,13 @@ Two variants (switch ``CTRConfig.fp``):
   ``γ·(1 - 1/(n+1))`` after ``n`` sightings. The likelihood grows with ``n`` while the prior stays
   ≈ ``γ``: rare values stay near the field mean, frequent ones converge to their empirical CTR (the
   minimiser of a value's BCE is ``logit(mean y)``).
-- :class:`BetaPriorTable` (``"count"``): cumulative clicks/impressions per value and the Beta
-  posterior mean ``(c + α)/(n + α + β)`` with ``α = κ·m``, ``β = κ·(1-m)``, ``m`` the field CTR and
-  ``κ`` the prior strength. Pure: the trainer feeds it with :meth:`BetaPriorTable.update`.
+- :class:`RowCountPrior` (``"count"``, what the learner uses): cumulative clicks/impressions per
+  embedding row of every field and the Beta posterior mean ``(c + α)/(n + α + β)`` with
+  ``α = κ·m``, ``β = κ·(1-m)``, ``m`` the field CTR and ``κ`` the prior strength. It lives in the id
+  mappers' row space, so it is bounded by the tables' capacity and a recycled row (id expiry)
+  starts from zero counts, exactly like its embedding.
+- :class:`BetaPriorTable`: the same estimate keyed by raw values (unbounded), for callers that
+  hold aggregates by value (e.g. the feature store). Pure: fed with :meth:`BetaPriorTable.update`.
 
 The Model Prior half lives in :mod:`models.ctr.losses`.
 """
@@ -62,7 +66,12 @@ class LearnedFeaturePrior(nn.Module):
         shrink = gamma * d.pow(2) / (k * (k + 1))
         return (bce + shrink).mean()
 
-    def reset_rows(self, field: int, rows: np.ndarray) -> None:
+    def set_field_means(self, logit: float) -> None:
+        """Sets every field mean (the data-driven start: logit of the first batch's CTR)."""
+        with torch.no_grad():
+            self.field_mean.fill_(float(logit))
+
+    def reset_rows(self, field: int, rows: np.ndarray | torch.Tensor) -> None:
         """Puts recycled rows back to the field mean (offset 0)."""
         if len(rows):
             with torch.no_grad():
@@ -198,5 +207,99 @@ class BetaPriorTable:
         if not (np.isfinite(self._clicks[:n]).all() and np.isfinite(self._imps[:n]).all()):
             bad.append("non-finite counts")
         if (self._imps[:n] < 0).any() or (self._clicks[:n] < 0).any():
+            bad.append("negative counts")
+        return bad
+
+
+class RowCountPrior:
+    """Clicks and impressions per embedding row of every field, and their Beta posterior means.
+
+    Args:
+        capacities: rows per field (the id mappers' row space).
+        strength: κ, the prior's pseudo-impressions around the field CTR.
+        smoothing: pseudo-impressions on the field CTR itself (defined before any data).
+
+    Row 0 (the mappers' cold row, shared by every value without a row) always returns the field
+    mean. The learner calls :meth:`reset` for rows the mappers recycle, :meth:`update` *after* a
+    batch's step (so a batch's inputs only hold earlier labels) and :meth:`decay` after a window.
+    State is plain numpy arrays and floats.
+    """
+
+    def __init__(self, capacities: Sequence[int], strength: float = 20.0, smoothing: float = 1.0) -> None:
+        if strength <= 0:
+            raise ValueError("strength must be > 0")
+        self.strength = float(strength)
+        self.smoothing = float(smoothing)
+        self.clicks = [np.zeros(int(c)) for c in capacities]
+        self.imps = [np.zeros(int(c)) for c in capacities]
+        self.totals = np.zeros((len(capacities), 2))  # per field: clicks, impressions
+
+    def field_mean(self, field: int) -> float:
+        c, n = self.totals[field]
+        return float((c + 0.05 * self.smoothing) / (n + self.smoothing))
+
+    def update(self, rows: np.ndarray, labels: np.ndarray) -> None:
+        """Adds one impression (and its click) per example for every field; ``rows`` [B, F]."""
+        y = np.asarray(labels, dtype=np.float64)
+        for f in range(rows.shape[1]):
+            np.add.at(self.clicks[f], rows[:, f], y)
+            np.add.at(self.imps[f], rows[:, f], 1.0)
+        self.totals[:, 0] += y.sum()
+        self.totals[:, 1] += len(y)
+
+    def logits(self, rows: np.ndarray, centred: bool = False) -> np.ndarray:
+        """Prior logits [B, F] (float32); the cold row and unseen rows give the field mean.
+        ``centred``: minus the field mean's logit (0 = no evidence beyond the field CTR)."""
+        out = np.empty(rows.shape, dtype=np.float64)
+        for f in range(rows.shape[1]):
+            m = self.field_mean(f)
+            r = rows[:, f]
+            c = np.where(r > 0, self.clicks[f][r], 0.0)
+            n = np.where(r > 0, self.imps[f][r], 0.0)
+            out[:, f] = (c + self.strength * m) / (n + self.strength)
+        p = np.clip(out, 1e-6, 1 - 1e-6)
+        z = np.log(p / (1 - p))
+        if centred:
+            m = np.clip([self.field_mean(f) for f in range(rows.shape[1])], 1e-6, 1 - 1e-6)
+            z = z - np.log(m / (1 - m))
+        return z.astype(np.float32)
+
+    def reset(self, field: int, rows: np.ndarray) -> None:
+        """Recycled rows forget their previous owner's counts."""
+        self.clicks[field][rows] = 0.0
+        self.imps[field][rows] = 0.0
+
+    def decay(self, factor: float) -> None:
+        """Multiplies every count by ``factor`` (0 < factor <= 1): older evidence weighs less."""
+        if not 0 < factor <= 1:
+            raise ValueError("decay factor must be in (0, 1]")
+        for c, n in zip(self.clicks, self.imps):
+            c *= factor
+            n *= factor
+        self.totals *= factor
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "strength": self.strength,
+            "smoothing": self.smoothing,
+            "clicks": [c.copy() for c in self.clicks],
+            "imps": [n.copy() for n in self.imps],
+            "totals": self.totals.copy(),
+        }
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        if [len(c) for c in s["clicks"]] != [len(c) for c in self.clicks]:
+            raise ValueError("count prior state has other table sizes")
+        self.strength, self.smoothing = float(s["strength"]), float(s["smoothing"])
+        self.clicks = [np.asarray(c, dtype=np.float64).copy() for c in s["clicks"]]
+        self.imps = [np.asarray(n, dtype=np.float64).copy() for n in s["imps"]]
+        self.totals = np.asarray(s["totals"], dtype=np.float64).copy()
+
+    def validate(self) -> list[str]:
+        bad = []
+        arrays = [*self.clicks, *self.imps, self.totals]
+        if not all(np.isfinite(a).all() for a in arrays):
+            bad.append("non-finite counts")
+        if any((a < 0).any() for a in arrays):
             bad.append("negative counts")
         return bad

@@ -61,7 +61,7 @@ class ModelInput:
     rows: torch.Tensor
     dense: torch.Tensor
     labels: torch.Tensor
-    prior_counts: torch.Tensor | None = None  # [B, F] FP-count prior logits (when enabled)
+    prior_counts: torch.Tensor | None = None  # [B, F] FP-count prior logits minus the field mean's (when enabled)
     value_counts: torch.Tensor | None = None  # [B, F] sightings of each value before this batch
     sightings: torch.Tensor | None = None  # [B, F] k: this example is the k-th sighting of its value
 

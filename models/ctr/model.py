@@ -3,17 +3,24 @@
 ::
 
     KJT (one row id per field) ─► FusedEmbeddingBagCollection ─► flat [B, Σd], stacked [B, F, D]
+    rows [B, F] ─► FirstOrder (first_order=True, every strategy) ─► Σ_f lin_f[row]
     rows [B, F] ─► LearnedFeaturePrior (fp="learned") ─┐
-    count-prior logits [B, F] (fp="count") ────────────┴► u [B, F] prior logits
-    dense [B, n] (standardised numeric) ⊕ u.detach()  (fp_use in {input, both})
-    backbone(flat, stacked, dense) + Σ_f w_f·u_f  (fp_use in {logit, both})  ─► logit z [B]
+    count-prior logits [B, F] (fp="count") ────────────┴► u [B, F] prior logits, c = u − field mean
+    dense [B, n] (standardised numeric) ⊕ c.detach()  (fp_use in {input, both})
+    backbone(flat, stacked, dense) + bias + Σ_f lin_f + Σ_f w_f·c_f  (fp_use in {logit, both}) ─► z [B]
 
 The embedding tables are trained by the fused fbgemm kernel inside ``backward()`` (RowWiseAdagrad by
-default); every other parameter is dense and trained by the learner's dense optimizer.
+default); the first-order table and the learned prior's offsets are sparse 1-dim tables with their
+own sparse Adagrad; every other parameter is dense and trained by the learner's dense optimizer.
+The prior enters centred on its field mean (``c = 0`` means "no evidence beyond the field CTR"), so
+the extra dense inputs are on the scale of the standardised ones. The learned prior enters the
+logit *with* its gradient (trained end to end there, ``fp_e2e``); the copy that enters the dense
+inputs is detached (the backbone must not reshape the prior).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -30,7 +37,9 @@ from models.ctr.features import ModelInput
 FP_MODES = ("off", "learned", "count")
 FP_USES = ("input", "logit", "both")
 MP_MODES = ("off", "posterior", "kl", "logit")
-LAMBDA_MODES = ("const", "count")
+LAMBDA_MODES = ("const", "count", "evidence")
+LAMBDA_AGGS = ("min", "mean")
+MP_ADAPT = ("off", "pv")
 EMB_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 
 
@@ -61,20 +70,27 @@ class CTRConfig:
     emb_lr: float = 0.05
     dense_optimizer: str = "adagrad"  # adagrad | adam
     dense_lr: float = 0.01
+    first_order: bool = False  # a per-value bias per field (the FM first-order term); on in every evaluate-ctr/trainer preset
+    init_from_data: bool = True  # output bias and prior field means start at logit(CTR of the first batch)
     # Feature Prior
     fp: str = "off"  # off | learned | count
     fp_use: str = "both"  # input | logit | both
     fp_weight: float = 0.5  # μ: weight of the auxiliary FP loss (learned)
     fp_shrink: float = 2.0  # γ: shrinkage of a value's offset toward its field mean (learned)
     fp_lr: float = 0.1
-    fp_init_ctr: float = 0.05
+    fp_init_ctr: float = 0.05  # field CTR before any data (init_from_data replaces it at the first batch)
+    fp_e2e: bool = True  # the learned prior's logit term passes the main loss's gradient to the prior
     fp_strength: float = 20.0  # κ: Beta prior pseudo-impressions (count)
     fp_decay: float = 1.0  # multiply count statistics by this after every window (count)
     # Model Prior
     mp: str = "off"  # off | posterior | kl | logit
     mp_lambda: float = 1.0
-    mp_lambda_mode: str = "const"  # const | count
-    mp_count_n0: float = 20.0
+    mp_lambda_mode: str = "const"  # const | count | evidence (see losses.evidence_strength)
+    mp_count_n0: float = 20.0  # count: λ_i = λ·mean_f n/(n + n0)
+    mp_count_agg: str = "min"  # evidence: how the fields' evidence ratios combine (min | mean)
+    mp_count_decay: float = 1.0  # evidence: the sightings behind the prior fade by this factor per window
+    mp_weighted: bool = True  # posterior/kl: weight (1+λ_i) per example (False: only the target moves)
+    mp_adapt: str = "off"  # off | pv: scale λ per window by progressive validation (models/ctr/prior_strength.py)
     mp_logit_max_chain: int = 8
     # Distillation baseline
     distill_weight: float = 0.0
@@ -94,6 +110,10 @@ class CTRConfig:
             (self.mp in MP_MODES, f"mp must be one of {MP_MODES}"),
             (self.mp_lambda >= 0, "mp_lambda must be >= 0"),
             (self.mp_lambda_mode in LAMBDA_MODES, f"mp_lambda_mode must be one of {LAMBDA_MODES}"),
+            (self.mp_count_agg in LAMBDA_AGGS, f"mp_count_agg must be one of {LAMBDA_AGGS}"),
+            (0 < self.mp_count_decay <= 1, "mp_count_decay must be in (0, 1]"),
+            (self.mp_adapt in MP_ADAPT, f"mp_adapt must be one of {MP_ADAPT}"),
+            (self.distill_temperature > 0, "distill_temperature must be > 0"),
             (self.emb_optimizer in EMB_OPTIMIZERS, f"emb_optimizer must be one of {EMB_OPTIMIZERS}"),
             (self.dense_optimizer in ("adagrad", "adam"), "dense_optimizer must be adagrad or adam"),
             (len(self.hidden) > 0, "hidden needs at least one layer"),
@@ -141,6 +161,28 @@ def build_ebc(cfg: CTRConfig) -> FusedEmbeddingBagCollection:
     )
 
 
+class FirstOrder(nn.Module):
+    """The FM first-order term: one scalar per value of every field, ``Σ_f w_f[row_f]``.
+
+    A sparse ``nn.Embedding`` over all fields' rows (same row space as the id mappers), zero at
+    start; the learner trains it with sparse Adagrad at ``emb_lr`` and zeroes recycled rows.
+    """
+
+    def __init__(self, capacities: Sequence[int]) -> None:
+        super().__init__()
+        offs = [0, *itertools.accumulate(capacities)][:-1]
+        self.register_buffer("offsets", torch.tensor(offs, dtype=torch.long), persistent=False)
+        self.weight = nn.Embedding(int(sum(capacities)), 1, sparse=True)
+        nn.init.zeros_(self.weight.weight)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.weight(rows + self.offsets).squeeze(-1).sum(1)
+
+    def reset_rows(self, field: int, rows: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.weight.weight[rows + self.offsets[field]] = 0.0
+
+
 class CTRNet(nn.Module):
     """The network. Parts are handed in (embedding collection, backbone, optional prior).
 
@@ -152,6 +194,8 @@ class CTRNet(nn.Module):
         n_numeric: standardised numeric inputs.
         fp: ``off`` | ``learned`` | ``count``; ``feature_prior`` is required for ``learned``.
         fp_use: where prior logits enter: ``input`` | ``logit`` | ``both``.
+        first_order: the per-value bias term (None = off).
+        fp_e2e: the prior's logit term passes gradients to the prior (learned prior only).
     """
 
     def __init__(
@@ -164,8 +208,12 @@ class CTRNet(nn.Module):
         fp: str = "off",
         fp_use: str = "both",
         feature_prior: LearnedFeaturePrior | None = None,
+        first_order: FirstOrder | None = None,
+        fp_e2e: bool = True,
     ) -> None:
         super().__init__()
+        self.first_order = first_order
+        self.fp_e2e = fp_e2e
         self.ebc = ebc
         self.backbone = backbone
         self.field_names = list(field_names)
@@ -198,18 +246,21 @@ class CTRNet(nn.Module):
         else:
             parts = torch.split(flat, self._splits, dim=1)
             stacked = torch.stack([p(x) for p, x in zip(self.proj, parts)], 1)
-        u = d = None
+        u = d = c = None
         if self.fp == "learned":
             assert self.feature_prior is not None
             u, d = self.feature_prior(inp.rows)
+            c = d  # the value's deviation from its field mean
         elif self.fp == "count":
-            u = inp.prior_counts
+            u = c = inp.prior_counts  # already centred on the field mean by the learner
         dense = inp.dense
-        if u is not None and self.fp_use in ("input", "both"):
-            dense = torch.cat([dense, u.detach()], 1)
+        if c is not None and self.fp_use in ("input", "both"):
+            dense = torch.cat([dense, c.detach()], 1)
         z = self.backbone(flat, stacked, dense) + self.bias
-        if u is not None and self.prior_w is not None:
-            z = z + (u.detach() * self.prior_w).sum(1)
+        if self.first_order is not None:
+            z = z + self.first_order(inp.rows)
+        if c is not None and self.prior_w is not None:
+            z = z + ((c if self.fp_e2e else c.detach()) * self.prior_w).sum(1)
         return z, u, d
 
 
@@ -224,5 +275,8 @@ def build_net(cfg: CTRConfig) -> CTRNet:
     backbone = build_backbone(
         cfg.backbone, n_f, max(dims), sum(dims), dense_dim, cfg.hidden, cfg.cross_layers, cfg.cross_low_rank
     )
-    fp = LearnedFeaturePrior([f.capacity for f in cfg.fields], cfg.fp_init_ctr) if cfg.fp == "learned" else None
-    return CTRNet(build_ebc(cfg), backbone, [f.name for f in cfg.fields], dims, len(cfg.numeric), cfg.fp, cfg.fp_use, fp)
+    caps = [f.capacity for f in cfg.fields]
+    fp = LearnedFeaturePrior(caps, cfg.fp_init_ctr) if cfg.fp == "learned" else None
+    lin = FirstOrder(caps) if cfg.first_order else None
+    return CTRNet(build_ebc(cfg), backbone, [f.name for f in cfg.fields], dims, len(cfg.numeric), cfg.fp, cfg.fp_use,
+                  fp, lin, cfg.fp_e2e)
