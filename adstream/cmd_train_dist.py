@@ -83,7 +83,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dense-lr", type=float, default=0.01, help="dense Adagrad learning rate")
     p.add_argument("--mp", choices=["posterior", "kl"], default="posterior", help="Model Prior form (ddp-mp)")
     p.add_argument("--mp-lambda", type=float, default=1.0, help="Model Prior strength λ")
-    p.add_argument("--lambda-mode", choices=["const", "count"], default="const", help="per-sample λ by value counts")
+    p.add_argument("--lambda-mode", choices=["const", "count", "evidence"], default="const",
+                   help="per-example λ from the values' sightings before the window (see evaluate-ctr --help)")
     p.add_argument("--distill-weight", type=float, default=1.0)
     p.add_argument("--distill-temperature", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process")
@@ -141,7 +142,7 @@ def _configs(spec: dict[str, Any]) -> tuple[Any, Any]:
 
 def check_spec(spec: dict[str, Any]) -> None:
     """Every mistake the parent can see before launching: a clear ConfigError."""
-    from models.ctr.distributed import DistConfigError, check_strategies, check_supported, plan_tables
+    from models.ctr.distributed import DistConfigError, check_strategies, check_supported, dist_config, plan_tables
     from models.evaluation import load_frame, strategy_config
 
     if spec.get("nproc", 1) < 1:
@@ -161,7 +162,7 @@ def check_spec(spec: dict[str, Any]) -> None:
     try:
         check_strategies(ec.strategies)
         for s in ec.strategies:
-            cfg = strategy_config(s, ec, cols, ec.base_seed)
+            cfg = dist_config(strategy_config(s, ec, cols, ec.base_seed))
             check_supported(cfg)
             plan_tables(cfg, spec["nproc"], spec["sharding"])
     except (DistConfigError, ValueError) as e:

@@ -1,17 +1,23 @@
-"""CTR quality under the incremental protocol: every strategy on every dataset at hand, ≥3 seeds.
+"""CTR quality under the incremental protocol: every strategy on every time-ordered click log at
+hand with enough clicks, plus the synthetic world, under the protocol of ``adstream evaluate-ctr``
+(the same budgeted search for every strategy on a validation prefix, then ≥ 3 seeds on the test
+periods, paired differences against fine-tuning with bootstrap 95 % intervals).
 
-Datasets (each skipped with a message when absent):
+Datasets (each skipped with a message when absent or when it has fewer than ``--min-clicks``):
 
 - ``world``: the synthetic drift world (``core.world``), labelled impressions with known drift;
 - ``obd``: Open Bandit Dataset sample (``../shared/data/obd``): the men/women × random/bts logs in
-  time order; categorical = campaign, policy, item id, position, the 4 user features, item features;
+  time order; categorical = campaign, policy, item id, position, the 4 user features, item features
+  (about 200 clicks: below the default ``--min-clicks``, so skipped unless asked for);
 - ``adwords``: daily keyword impressions/clicks (``../shared/data/adwords``, GPL-3: read at run
   time, never copied). Aggregates are turned into impression rows by sampling each impression with
   probability ``--adwords-rate`` (clicks drawn without replacement); categorical = keyword, weekday.
 
-Writes mean ± std (across seeds) of the mean next-period AUC and LogLoss per strategy and dataset.
+Writes one JSON (``--out``): per dataset the rows, clicks, seconds, the table (strategy → mean ±
+std of the mean next-period AUC and LogLoss over the seeds, what the search chose) and the paired
+comparisons; and prints the same as a Markdown table.
 
-usage: python bench/bench_ctr_quality.py [--seeds 3] [--datasets world,obd,adwords] [--out FILE]
+usage: python bench/bench_ctr_quality.py [--seeds 3] [--search-trials 8] [--datasets world,obd,adwords]
 """
 
 from __future__ import annotations
@@ -89,19 +95,35 @@ def adwords_frame(root: Path, rate: float, seed: int = 0) -> tuple[pd.DataFrame,
     return df, Columns("date", "clicked", ["keyword", "weekday"], [])
 
 
+def markdown(results: dict) -> str:
+    """One table: dataset × strategy (mean ± std over seeds), then the paired differences."""
+    lines = ["| dataset (rows, clicks) | strategy | mean AUC ± std | mean LogLoss ± std | vs finetune: mean [95% CI] |",
+             "|---|---|---|---|---|"]
+    for name, d in results["datasets"].items():
+        paired = d["report"]["paired"]
+        for s, r in d["report"]["strategies"].items():
+            p = paired.get(f"{s} - finetune")
+            diff = f"{p['mean']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]" if p else ""
+            lines.append(f"| {name} ({d['rows']:,}, {d['clicks']:,}) | {s} | {r['mean_auc']:.4f} ± {r['mean_auc_std']:.4f} "
+                         f"| {r['mean_logloss']:.4f} ± {r['mean_logloss_std']:.4f} | {diff} |")
+        p = paired.get("ddp - retrain")
+        if p:
+            lines.append(f"| {name} | ddp − retrain | | | {p['mean']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="world,obd,adwords")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--search-trials", type=int, default=EvalConfig.search_trials)
     ap.add_argument("--periods", type=int, default=8)
     ap.add_argument("--warm-start", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--emb-lr", type=float, default=0.05)
-    ap.add_argument("--dense-lr", type=float, default=0.01)
-    ap.add_argument("--mp-lambda", type=float, default=1.0)
+    ap.add_argument("--val-periods", type=int, default=2)
+    ap.add_argument("--min-clicks", type=int, default=1000, help="skip logs with fewer clicks (too few to rank)")
     ap.add_argument("--world-rps", type=float, default=2.0, help="world requests/s over its 2 h horizon (size)")
-    ap.add_argument("--adwords-rate", type=float, default=0.004, help="impression sampling rate (size)")
+    ap.add_argument("--adwords-rate", type=float, default=0.008, help="impression sampling rate (size)")
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench/results/ctr_quality.json")
@@ -113,34 +135,38 @@ def main() -> None:
         "obd": lambda: obd_frame(root / "obd"),
         "adwords": lambda: adwords_frame(root / "adwords", args.adwords_rate),
     }
-    results: dict = {"settings": vars(args), "datasets": {}}
+    results: dict = {"settings": vars(args), "datasets": {}, "skipped": {}}
+    t_all = time.perf_counter()
     for name in args.datasets.split(","):
         got = loaders[name]()
         if got is None:
+            results["skipped"][name] = "no data"
             continue
         df, cols = got
         df = prepare_frame(df, cols)
+        clicks = int(df[cols.label].gt(0).sum())
+        if clicks < args.min_clicks:
+            msg = f"{clicks} clicks < --min-clicks {args.min_clicks}: too few to rank strategies"
+            print(f"{name}: skipped ({msg})")
+            results["skipped"][name] = msg
+            continue
         ec = EvalConfig(periods=args.periods, strategies=tuple(args.strategies.split(",")), seeds=args.seeds,
-                        warm_start=args.warm_start, epochs=args.epochs, emb_lr=args.emb_lr, dense_lr=args.dense_lr,
-                        mp_lambda=args.mp_lambda)
+                        warm_start=args.warm_start, val_periods=args.val_periods, search_trials=args.search_trials)
         t0 = time.perf_counter()
         report, _ = run_protocol(df, cols, ec)
         secs = time.perf_counter() - t0
-        print(f"\n== {name}: {len(df):,} rows, CTR {df[cols.label].gt(0).mean():.4f}, {secs:.0f} s")
+        print(f"\n== {name}: {len(df):,} rows, {clicks:,} clicks, CTR {clicks / len(df):.4f}, {secs:.0f} s")
         print(format_table(report))
-        results["datasets"][name] = {
-            "rows": len(df),
-            "ctr": float(df[cols.label].gt(0).mean()),
-            "seconds": secs,
-            "summary": {s: {"mean_auc": r["mean_auc"], "mean_auc_std": r.get("mean_auc_std"),
-                            "mean_logloss": r["mean_logloss"], "mean_logloss_std": r.get("mean_logloss_std")}
-                        for s, r in report["strategies"].items()},
-            "report": report,
-        }
+        results["datasets"][name] = {"rows": len(df), "clicks": clicks, "ctr": clicks / len(df), "seconds": secs,
+                                     "report": report}
+    results["seconds"] = time.perf_counter() - t_all
+    table = markdown(results)
+    results["table_markdown"] = table
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    print("\n" + table)
+    print(f"wrote {out} ({results['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -51,8 +51,10 @@ def main() -> None:
     c = example_columns()
     cols = Columns(c["time_col"], c["label_col"], list(c["categorical"]), list(c["numeric"]))
     df = prepare_frame(df, cols)
+    # the settings as given (no search), one seed, and what DMP supports for every strategy alike
     ec = dict(periods=args.periods, strategies=STRATEGIES, warm_start=2, batch_size=args.batch_size,
-              embedding_dim=8, capacity=1 << 13)  # fmt: skip
+              embedding_dim=8, capacity=1 << 13, search_trials=0, seeds=1, first_order=False, mp_adapt="off",
+              mp_lambda_mode="const")  # fmt: skip
     results: dict[str, Any] = {"examples": len(df), "tables": len(cols.categorical), "settings": ec, "rows": {}}
 
     torch.set_num_threads(args.threads)

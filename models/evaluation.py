@@ -1,28 +1,36 @@
 """The offline incremental-learning protocol for CTR models (docs/ctr.md, "Evaluation").
 
-1. Sort the examples by time; split them into ``N`` equal-count, time-ordered periods.
-2. Warm start: train on the first ``k`` periods.
-3. For every later period ``t`` (k ≤ t ≤ N-2): train on period ``t`` (initialised from the previous
-   model, except ``retrain``, which trains a fresh model on the trailing ``W`` periods), then
-   evaluate on period ``t+1``, which no model or prior statistic has seen.
-4. Report AUC and LogLoss per evaluated period and their means, per strategy (means across seeds).
+1. The examples must be sorted by time (``prepare_frame`` sorts and says so; ``run_protocol``
+   refuses an unsorted frame). They are split into ``N`` equal-count, time-ordered periods.
+2. Warm start on the first ``k`` periods; then, for every later period ``t``, train on period ``t``
+   (initialised from the previous model; ``retrain`` trains a fresh model on an expanding or a
+   sliding window of periods) and score period ``t+1``, which no model or prior statistic has seen.
+3. Hyper-parameters of *every* strategy are chosen by the same budgeted search
+   (:mod:`models.eval_search`) on a validation prefix: the ``val_periods`` periods after the warm
+   start. The test periods (all later ones) are never used for any choice.
+4. With the chosen settings, every strategy runs ``seeds`` times over all periods; the report
+   holds AUC / LogLoss per test period (mean over seeds), the mean over the test periods with its
+   std across seeds, what was chosen and on what, and the paired differences against fine-tuning
+   with a bootstrap 95 % interval (:mod:`models.eval_report`).
 
 Strategies: ``retrain``, ``finetune``, ``distill``, ``ddp-fp``, ``ddp-mp``, ``ddp``. Every trained
 model is audited: the largest example index it trained on, and the largest index fed to its prior
-statistics, must lie before the first index of the period it is evaluated on.
+statistics, must lie before the first index of the period it is scored on.
 
-Pure: a DataFrame in, plain dicts out. File reading (``load_frame``) and report writing are
-small helpers the command line calls.
+Training windows are shuffled row-wise with a seed derived from (seed, period)
+(:func:`window_batches`); the DMP protocol uses the same function.
+
+Pure: a DataFrame in, plain dicts out. File reading (``load_frame``) and report writing are small
+helpers the command line calls.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -32,23 +40,40 @@ from models.ctr.features import RawBatch, concat, iter_batches, raw_from_frame
 from models.ctr.metrics import auc, logloss
 from models.ctr.model import CTRConfig, FieldConfig
 from models.ctr.train_loop import CTRLearner
+from models.eval_report import format_table, paired_difference, summarise, write_report
+from models.eval_search import best_trial, stage1, stage2
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("retrain", "finetune", "distill", "ddp-fp", "ddp-mp", "ddp")
+RETRAIN_MODES = ("expanding", "sliding")
+REFERENCE = "finetune"  # paired differences are taken against this strategy
+
+__all__ = [
+    "Columns", "EvalConfig", "STRATEGIES", "format_table", "load_frame", "prepare_frame", "run_protocol",
+    "strategy_config", "write_report",
+]  # fmt: skip
 
 
 @dataclass
 class EvalConfig:
-    """Protocol and model settings shared by all strategies (strategy switches are applied on top)."""
+    """Protocol and model settings shared by all strategies (strategy switches are applied on top).
+
+    The model settings are the starting point (trial 0) of the search; with ``search_trials=0``
+    they are used as given and every period after the warm start is a test period.
+    """
 
     periods: int = 10
     strategies: tuple[str, ...] = STRATEGIES
-    seeds: int = 1
+    seeds: int = 3
     warm_start: int = 2
-    retrain_window: int | None = None  # periods; None = warm_start
+    val_periods: int = 2  # periods after the warm start on which the search scores its trials
+    search_trials: int = 8  # per strategy (the same for all); 0 = no search
+    retrain_mode: str = "sliding"  # expanding | sliding
+    retrain_window: int | None = None  # sliding window in periods; None = warm_start
     epochs: int = 1
     batch_size: int = 1024
+    shuffle: bool = True  # shuffle the rows of each training window (seeded by seed and period)
     backbone: str = "deepfm"
     embedding_dim: int = 8
     hidden: tuple[int, ...] = (64, 32)
@@ -56,14 +81,20 @@ class EvalConfig:
     admission: int = 1
     emb_lr: float = 0.05
     dense_lr: float = 0.01
-    fp: str = "learned"  # Feature Prior variant for ddp-fp / ddp
+    first_order: bool = True
+    fp: str = "count"  # Feature Prior variant for ddp-fp / ddp
     fp_use: str = "both"
-    fp_weight: float = 0.5
+    fp_weight: float = 0.2
     fp_shrink: float = 2.0
     fp_strength: float = 20.0
+    fp_decay: float = 1.0
     mp: str = "posterior"  # Model Prior form for ddp-mp / ddp
     mp_lambda: float = 1.0
-    mp_lambda_mode: str = "const"
+    mp_lambda_mode: str = "evidence"
+    mp_count_agg: str = "min"
+    mp_count_decay: float = 0.5  # the evidence behind the prior halves per window: λ_i stays on one scale over time
+    mp_weighted: bool = False
+    mp_adapt: str = "pv"
     distill_weight: float = 1.0
     distill_temperature: float = 2.0  # at T=1, distillation with weight w IS the posterior-label MP with λ=w
     base_seed: int = 0
@@ -72,15 +103,37 @@ class EvalConfig:
         bad = [s for s in self.strategies if s not in STRATEGIES]
         if bad:
             raise ConfigError(f"unknown strategies {bad}; choose from {', '.join(STRATEGIES)}")
+        if not self.strategies:
+            raise ConfigError("no strategies given")
         if self.warm_start < 1:
             raise ConfigError("--warm-start must be >= 1")
-        if self.periods < self.warm_start + 2:
+        if self.search_trials < 0 or self.val_periods < 0:
+            raise ConfigError("--search-trials and --val-periods must be >= 0")
+        if self.search_trials > 0 and self.val_periods < 1:
+            raise ConfigError("the search needs --val-periods >= 1 (or --search-trials 0)")
+        need = self.warm_start + self.validation() + 2
+        if self.periods < need:
             raise ConfigError(
-                f"--periods {self.periods} leaves nothing to evaluate: need at least warm-start + 2 "
-                f"= {self.warm_start + 2} periods"
+                f"--periods {self.periods} leaves nothing to test: need at least warm-start "
+                f"({self.warm_start}) + validation periods ({self.validation()}) + 2 = {need} periods"
             )
         if self.seeds < 1 or self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("--seeds, --epochs and --batch-size must be >= 1")
+        if self.retrain_mode not in RETRAIN_MODES:
+            raise ConfigError(f"--retrain-mode must be one of {RETRAIN_MODES}")
+        if self.retrain_window is not None and self.retrain_window < 1:
+            raise ConfigError("--retrain-window must be >= 1")
+
+    def validation(self) -> int:
+        """Validation periods actually used (none without a search)."""
+        return self.val_periods if self.search_trials > 0 else 0
+
+    def test_periods(self) -> list[int]:
+        """The periods the report scores: after the warm start and the validation prefix."""
+        return list(range(self.warm_start + self.validation() + 1, self.periods))
+
+    def validation_periods(self) -> list[int]:
+        return list(range(self.warm_start + 1, self.warm_start + self.validation() + 1))
 
 
 @dataclass
@@ -93,7 +146,7 @@ class Columns:
 
 
 def strategy_config(name: str, ec: EvalConfig, cols: Columns, seed: int) -> CTRConfig:
-    """The CTRConfig a strategy trains with."""
+    """The CTRConfig a strategy trains with (``ec`` may carry a search trial's settings)."""
     base = CTRConfig(
         fields=[FieldConfig(c, capacity=ec.capacity, admission=ec.admission) for c in cols.categorical],
         numeric=list(cols.numeric),
@@ -102,12 +155,18 @@ def strategy_config(name: str, ec: EvalConfig, cols: Columns, seed: int) -> CTRC
         hidden=tuple(ec.hidden),
         emb_lr=ec.emb_lr,
         dense_lr=ec.dense_lr,
+        first_order=ec.first_order,
         fp_use=ec.fp_use,
         fp_weight=ec.fp_weight,
         fp_shrink=ec.fp_shrink,
         fp_strength=ec.fp_strength,
+        fp_decay=ec.fp_decay,
         mp_lambda=ec.mp_lambda,
         mp_lambda_mode=ec.mp_lambda_mode,
+        mp_count_agg=ec.mp_count_agg,
+        mp_count_decay=ec.mp_count_decay,
+        mp_weighted=ec.mp_weighted,
+        mp_adapt=ec.mp_adapt,
         distill_temperature=ec.distill_temperature,
         epochs=ec.epochs,
         seed=seed,
@@ -133,16 +192,32 @@ def period_bounds(n: int, periods: int) -> list[tuple[int, int]]:
     return [(int(edges[i]), int(edges[i + 1])) for i in range(periods)]
 
 
-def _check_hygiene(learner: CTRLearner, eval_lo: int, where: str) -> dict[str, int]:
+def window_batches(raw: RawBatch, batch_size: int, seed: int, period: int, shuffle: bool = True) -> Iterator[RawBatch]:
+    """The batches of one training window (``period`` -1 = the warm start), rows shuffled with a
+    seed from (seed, period) when ``shuffle``. The single-process and the DMP protocol both
+    train through this function, so they see the same batches."""
+    return iter_batches(raw, batch_size, shuffle_seed=(seed * 1_000_003 + period + 1) if shuffle else None)
+
+
+def check_sorted(df: pd.DataFrame, time_col: str) -> None:
+    """ConfigError unless ``df`` is sorted by ``time_col`` (what ``prepare_frame`` returns)."""
+    t = pd.to_numeric(df[time_col], errors="coerce").to_numpy(dtype=np.float64)
+    if len(t) > 1 and not (np.diff(t) >= 0).all():
+        raise ConfigError(
+            f"the frame is not sorted by {time_col!r}: periods would not be time-ordered "
+            "(pass it through models.evaluation.prepare_frame, which sorts it)"
+        )
+
+
+def _check_hygiene(learner: Any, eval_lo: int, where: str) -> dict[str, int]:
     rec = {"trained_max_index": learner.seen_max_index, "prior_max_index": learner.prior_max_index, "eval_min_index": eval_lo}
     if learner.seen_max_index >= eval_lo or learner.prior_max_index >= eval_lo:
         raise RuntimeError(f"protocol violation in {where}: model or prior saw data of the evaluated period ({rec})")
     return rec
 
 
-def _evaluate(learner: CTRLearner, data: RawBatch, batch_size: int) -> tuple[float, float, np.ndarray]:
-    probs = np.concatenate([learner.predict(b) for b in iter_batches(data, max(batch_size, 4096))])
-    return auc(data.labels, probs), logloss(data.labels, probs), probs
+def _predict(learner: CTRLearner, data: RawBatch, batch_size: int) -> np.ndarray:
+    return np.concatenate([learner.predict(b) for b in iter_batches(data, max(batch_size, 4096))])
 
 
 def _segment_metrics(seg: np.ndarray, y: np.ndarray, p: np.ndarray) -> dict[str, dict[str, float]]:
@@ -153,114 +228,174 @@ def _segment_metrics(seg: np.ndarray, y: np.ndarray, p: np.ndarray) -> dict[str,
     return out
 
 
+def run_strategy(
+    name: str,
+    ec: EvalConfig,
+    cols: Columns,
+    parts: list[RawBatch],
+    bounds: list[tuple[int, int]],
+    seed: int,
+    scored: list[int],
+    tick: Callable[[], None] | None = None,
+) -> tuple[list[dict[str, Any]], float]:
+    """One strategy, one seed, over ``parts`` (all periods, or a prefix): returns one record per
+    period in ``scored`` (auc, logloss, probs, audit fields) and the training seconds."""
+    cfg = strategy_config(name, ec, cols, seed)
+    k = ec.warm_start
+    out: list[dict[str, Any]] = []
+    secs = 0.0
+    learner = None
+    if name != "retrain":
+        learner = CTRLearner(cfg)
+        t0 = time.perf_counter()
+        learner.train_window(window_batches(concat(parts[:k]), ec.batch_size, seed, -1, ec.shuffle), shuffle_seed=seed)
+        secs += time.perf_counter() - t0
+    last = max(scored)
+    for t in range(k, last):
+        t0 = time.perf_counter()
+        if name == "retrain":
+            w = ec.retrain_window or k
+            lo = 0 if ec.retrain_mode == "expanding" else max(0, t + 1 - w)
+            learner = CTRLearner(cfg)
+            learner.train_window(window_batches(concat(parts[lo : t + 1]), ec.batch_size, seed, t, ec.shuffle), shuffle_seed=seed)
+        elif learner is not None:
+            learner.train_window(window_batches(parts[t], ec.batch_size, seed, t, ec.shuffle), shuffle_seed=seed)
+        secs += time.perf_counter() - t0
+        if t + 1 not in scored:
+            continue
+        assert learner is not None
+        rec = _check_hygiene(learner, bounds[t + 1][0], f"{name}/seed {seed}/period {t + 1}")
+        probs = _predict(learner, parts[t + 1], ec.batch_size)
+        y = parts[t + 1].labels
+        out.append({"period": t + 1, **rec, "auc": auc(y, probs), "logloss": logloss(y, probs), "probs": probs,
+                    "mp_scales": list(getattr(learner, "mp_scales", []))})
+        if tick:
+            tick()
+    return out, secs
+
+
+def search(
+    df_parts: list[RawBatch],
+    bounds: list[tuple[int, int]],
+    cols: Columns,
+    ec: EvalConfig,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Runs the budgeted search for every strategy on the validation prefix (see eval_search)."""
+    scored = ec.validation_periods()
+    n1 = (ec.search_trials + 1) // 2
+    base = {k: getattr(ec, k) for k in ("emb_lr", "dense_lr", "epochs")}
+    out: dict[str, dict[str, Any]] = {}
+    for name in ec.strategies:
+        results: list[dict[str, Any]] = []
+
+        def run(trial: dict[str, Any], stage: int) -> None:
+            recs, secs = run_strategy(name, replace(ec, **trial), cols, df_parts, bounds, ec.base_seed, scored)
+            a = [r["auc"] for r in recs]
+            ll = [r["logloss"] for r in recs]
+            results.append({"settings": trial, "stage": stage, "val_auc": _nanmean(a), "val_logloss": _nanmean(ll),
+                            "seconds": secs})
+            if progress:
+                progress(1)
+
+        for trial in stage1(n1, ec.base_seed):
+            run(trial, 1)
+        winner = results[best_trial(results)]["settings"]
+        for trial in stage2(name, winner, base, ec.search_trials - n1, ec.base_seed):
+            run(trial, 2)
+        best = best_trial(results)
+        out[name] = {"chosen": results[best]["settings"], "trial": best, "val_auc": results[best]["val_auc"],
+                     "trials": results}
+        log.info("search %s: trial %d of %d, validation AUC %.4f, %s", name, best, len(results),
+                 results[best]["val_auc"] or float("nan"), results[best]["settings"] or "as given")
+    return out
+
+
+def _nanmean(xs: list[float]) -> float | None:
+    v = np.array(xs, dtype=np.float64)
+    return float(np.nanmean(v)) if np.isfinite(v).any() else None
+
+
+def protocol_steps(ec: EvalConfig) -> int:
+    """Progress units of :func:`run_protocol` (search trials + scored test periods)."""
+    return len(ec.strategies) * (ec.search_trials + ec.seeds * len(ec.test_periods()))
+
+
 def run_protocol(
     df: pd.DataFrame,
     cols: Columns,
     ec: EvalConfig,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Runs every strategy × seed over the periods of ``df`` (sorted by ``cols.time``).
+    """Search, then every strategy × seed over the periods of ``df`` (sorted by ``cols.time``).
 
     Returns ``(report, audit)``: the report dict of the CLI contract and one audit record per
-    evaluation (strategy, seed, period, trained/prior max index, first eval index).
-    ``progress(n)`` is called after each trained period.
+    scored test period (strategy, seed, period, trained/prior max index, first eval index).
+    ``progress(n)`` is called after each search trial and each scored period.
     """
     ec.validate()
+    check_sorted(df, cols.time)
     raw = raw_from_frame(df, cols.categorical, cols.numeric, cols.label, cols.time)
     seg = df[cols.segment].to_numpy() if cols.segment else None
     bounds = period_bounds(len(raw), ec.periods)
     parts = [raw.slice(lo, hi) for lo, hi in bounds]
-    k = ec.warm_start
-    eval_periods = list(range(k + 1, ec.periods))
-    window = ec.retrain_window or k
+    val_end = ec.warm_start + ec.validation() + 1
+    chosen = search(parts[:val_end], bounds, cols, ec, progress) if ec.search_trials > 0 else {}
+    test = ec.test_periods()
     audit: list[dict[str, Any]] = []
     per: dict[str, dict[str, list[list[float]]]] = {s: {"auc": [], "logloss": [], "secs": []} for s in ec.strategies}
+    preds: dict[str, list[list[np.ndarray]]] = {s: [] for s in ec.strategies}
+    tick = (lambda: progress(1)) if progress else None
     for s_i in range(ec.seeds):
         seed = ec.base_seed + s_i
         for name in ec.strategies:
-            cfg = strategy_config(name, ec, cols, seed)
-            aucs, lls, secs = [], [], 0.0
-            learner = None
-            if name != "retrain":
-                learner = CTRLearner(cfg)
-                t0 = time.perf_counter()
-                learner.train_window(iter_batches(concat(parts[:k]), ec.batch_size), shuffle_seed=seed)
-                secs += time.perf_counter() - t0
-            for t in range(k, ec.periods - 1):
-                t0 = time.perf_counter()
-                if name == "retrain":
-                    learner = CTRLearner(cfg)
-                    learner.train_window(
-                        iter_batches(concat(parts[max(0, t + 1 - window) : t + 1]), ec.batch_size), shuffle_seed=seed
-                    )
-                else:
-                    assert learner is not None
-                    learner.train_window(iter_batches(parts[t], ec.batch_size), shuffle_seed=seed)
-                secs += time.perf_counter() - t0
-                assert learner is not None
-                rec = _check_hygiene(learner, bounds[t + 1][0], f"{name}/seed {seed}/period {t + 1}")
-                a, ll, probs = _evaluate(learner, parts[t + 1], ec.batch_size)
-                aucs.append(a)
-                lls.append(ll)
-                entry = {"strategy": name, "seed": seed, "period": t + 1, **rec, "auc": a, "logloss": ll}
-                if seg is not None:
-                    lo, hi = bounds[t + 1]
-                    entry["segments"] = _segment_metrics(seg[lo:hi], parts[t + 1].labels, probs)
-                audit.append(entry)
-                if progress:
-                    progress(1)
-            per[name]["auc"].append(aucs)
-            per[name]["logloss"].append(lls)
+            settings = chosen.get(name, {}).get("chosen", {})
+            recs, secs = run_strategy(name, replace(ec, **settings), cols, parts, bounds, seed, test, tick)
+            per[name]["auc"].append([r["auc"] for r in recs])
+            per[name]["logloss"].append([r["logloss"] for r in recs])
             per[name]["secs"].append([secs])
-    return _report(eval_periods, per), audit
+            preds[name].append([r["probs"] for r in recs])
+            for r in recs:
+                entry = {"strategy": name, "seed": seed, **{k: v for k, v in r.items() if k != "probs"}}
+                if seg is not None:
+                    lo, hi = bounds[r["period"]]
+                    entry["segments"] = _segment_metrics(seg[lo:hi], parts[r["period"]].labels, r["probs"])
+                audit.append(entry)
+    report = _report(ec, per, chosen)
+    labels = [parts[t].labels for t in test]
+    report["paired"] = {
+        f"{a} - {b}": paired_difference(labels, preds[a], preds[b], seed=ec.base_seed)
+        for a, b in comparisons(ec.strategies)
+    }
+    return report, audit
 
 
-def _nan_to_none(xs: Sequence[float]) -> list[float | None]:
-    return [None if not np.isfinite(x) else float(x) for x in xs]
-
-
-def _report(periods: list[int], per: dict[str, dict[str, list[list[float]]]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"periods": periods, "strategies": {}}
-    for name, d in per.items():
-        a = np.array(d["auc"], dtype=np.float64)  # [seeds, periods]
-        ll = np.array(d["logloss"], dtype=np.float64)
-        with np.errstate(all="ignore"), _quiet():
-            mean_a_per_seed = np.nanmean(a, axis=1)
-            mean_ll_per_seed = np.nanmean(ll, axis=1)
-            r: dict[str, Any] = {
-                "auc": _nan_to_none(np.nanmean(a, axis=0)),
-                "logloss": _nan_to_none(np.nanmean(ll, axis=0)),
-                "mean_auc": _f(np.nanmean(mean_a_per_seed)),
-                "mean_logloss": _f(np.nanmean(mean_ll_per_seed)),
-                "train_seconds": float(np.mean([s[0] for s in d["secs"]])),
-            }
-            if a.shape[0] > 1:  # across-seed spread (extra keys only with several seeds)
-                r.update(
-                    auc_std=_nan_to_none(np.nanstd(a, axis=0)),
-                    mean_auc_std=_f(np.nanstd(mean_a_per_seed)),
-                    mean_logloss_std=_f(np.nanstd(mean_ll_per_seed)),
-                    seeds=int(a.shape[0]),
-                )
-            out["strategies"][name] = r
+def comparisons(strategies: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
+    """Every strategy against fine-tuning, and DDP against retraining."""
+    out = [(s, REFERENCE) for s in strategies if s != REFERENCE and REFERENCE in strategies]
+    if "ddp" in strategies and "retrain" in strategies:
+        out.append(("ddp", "retrain"))
     return out
 
 
-def _f(x: float) -> float | None:
-    return float(x) if np.isfinite(x) else None
-
-
-class _quiet:
-    """Silences numpy's 'mean of empty slice' warnings for all-NaN periods."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore", category=RuntimeWarning)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._w.__exit__(*exc)
+def _report(ec: EvalConfig, per: dict[str, dict[str, list[list[float]]]], chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    strategies = summarise(per)
+    for name, r in strategies.items():
+        c = chosen.get(name)
+        r["chosen"] = c["chosen"] if c else {}
+        if c:
+            r["validation_auc"] = c["val_auc"]
+            r["search"] = [{k: v for k, v in t.items()} for t in c["trials"]]
+    return {
+        "periods": ec.test_periods(),
+        "validation_periods": ec.validation_periods(),
+        "strategies": strategies,
+        "protocol": {
+            "periods": ec.periods, "warm_start": ec.warm_start, "val_periods": ec.validation(),
+            "search_trials": ec.search_trials, "seeds": ec.seeds, "base_seed": ec.base_seed,
+            "selection": "mean next-period AUC on the validation periods (one seed), same trials budget per strategy",
+        },
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------- file helpers (edges call these)
@@ -294,7 +429,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 
 def prepare_frame(df: pd.DataFrame, cols: Columns) -> pd.DataFrame:
-    """Column checks, time conversion, row filtering and time sort for an in-memory frame."""
+    """Column checks, time conversion, row filtering and a stable time sort (logged when the
+    input was not in time order)."""
     needed = [cols.time, cols.label, *cols.categorical, *cols.numeric]
     missing = [c for c in dict.fromkeys(needed) if c not in df.columns]
     if missing:
@@ -313,6 +449,9 @@ def prepare_frame(df: pd.DataFrame, cols: Columns) -> pd.DataFrame:
         df = df[~bad]
     if len(df) == 0:
         raise ConfigError("no usable rows (every row has a missing time or label)")
+    t = df[cols.time].to_numpy()
+    if len(t) > 1 and not (np.diff(t) >= 0).all():
+        log.warning("the input is not sorted by %r: sorting %d rows by time (stable)", cols.time, len(df))
     return df.sort_values(cols.time, kind="mergesort").reset_index(drop=True)
 
 
@@ -327,42 +466,3 @@ def time_to_float(s: pd.Series, name: str) -> pd.Series:
     if dt.notna().sum() == 0:
         raise ConfigError(f"time column {name!r} is neither numeric nor a date/time")
     return pd.Series(dt.astype("int64") / 1e9, index=s.index).where(dt.notna())
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """A plain-text table: one row per strategy with mean AUC/LogLoss and training time."""
-    lines = [f"{'strategy':<10} {'mean_auc':>9} {'±':>7} {'mean_logloss':>13} {'±':>7} {'train_s':>8}"]
-    for name, r in report["strategies"].items():
-        fmt = lambda x, w, d: f"{x:>{w}.{d}f}" if isinstance(x, (int, float)) else f"{'n/a':>{w}}"  # noqa: E731
-        lines.append(
-            f"{name:<10} {fmt(r['mean_auc'], 9, 4)} {fmt(r.get('mean_auc_std'), 7, 4)} "
-            f"{fmt(r['mean_logloss'], 13, 4)} {fmt(r.get('mean_logloss_std'), 7, 4)} {fmt(r['train_seconds'], 8, 1)}"
-        )
-    return "\n".join(lines)
-
-
-def write_report(report: dict[str, Any], out_dir: str | Path, title: str = "") -> tuple[Path, Path]:
-    """Writes ``report.json`` and ``report.png`` (AUC per period, one line per strategy)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    jpath = out / "report.json"
-    jpath.write_text(json.dumps(report, indent=2))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, r in report["strategies"].items():
-        ys = [np.nan if v is None else v for v in r["auc"]]
-        ax.plot(report["periods"], ys, marker="o", label=name)
-    ax.set_xlabel("evaluated period")
-    ax.set_ylabel("AUC (next period)")
-    ax.set_title(title or "next-period AUC per strategy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    ppath = out / "report.png"
-    fig.savefig(ppath, dpi=100)
-    plt.close(fig)
-    return jpath, ppath

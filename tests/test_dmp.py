@@ -75,8 +75,10 @@ def test_two_processes_table_wise_match_one(data_file: Path, one_proc: dict[str,
         for key, tol in (("auc", 1e-5), ("logloss", 1e-6)):
             for v1, v2 in zip(one_proc["strategies"][s][key], two["strategies"][s][key]):
                 assert abs(v1 - v2) < tol, (s, key, one_proc["strategies"][s][key], two["strategies"][s][key])
-    # the Model Prior path really ran: its per-period numbers differ from plain fine-tuning
-    assert two["strategies"]["ddp-mp"]["auc"] != two["strategies"]["finetune"]["auc"]
+    # the Model Prior path really ran: its per-period numbers differ from plain fine-tuning by more
+    # than float noise (the 1- vs 2-process agreement above is within 1e-5)
+    diffs = [abs(a - b) for a, b in zip(two["strategies"]["ddp-mp"]["auc"], two["strategies"]["finetune"]["auc"])]
+    assert max(diffs) > 1e-4, diffs
 
     # sharding, from what each rank reports it holds: each table on exactly one rank, different ranks
     d2 = two["dist"]
@@ -122,7 +124,9 @@ def test_one_dmp_process_matches_the_single_process_learner(data_file: Path, one
 
     cols = Columns("time", "clicked", ["ad", "hour", "user"], ["pos"])
     df = prepare_frame(pd.read_parquet(data_file), cols)
-    ec = EvalConfig(periods=PERIODS, strategies=("finetune",), batch_size=255, capacity=1024, embedding_dim=8)
+    # the settings as given, one seed, and the network DMP runs (no first-order table)
+    ec = EvalConfig(periods=PERIODS, strategies=("finetune",), batch_size=255, capacity=1024, embedding_dim=8,
+                    search_trials=0, seeds=1, first_order=False)
     ref, _ = run_protocol(df, cols, ec)
     assert abs(_mean_auc(ref, "finetune") - _mean_auc(one_proc, "finetune")) < 0.02
 
@@ -153,3 +157,42 @@ def test_unsupported_settings_are_cli_errors(data_file: Path, tmp_path: Path, ca
     assert main([*base, "--categorical", "colour"]) == 1
     assert "missing column(s) ['colour']" in capsys.readouterr().err
     assert not (tmp_path / "report.json").exists()
+
+
+def test_single_process_and_dmp_protocols_train_on_the_same_batches(monkeypatch) -> None:
+    """Both protocols build every training window with models.evaluation.window_batches: the
+    same rows, in the same shuffled order, batch by batch."""
+    import numpy as np
+    import torch.distributed as dist
+
+    import models.ctr.distributed as mdist
+    import models.evaluation as mev
+    from adstream.cmd_train_dist import free_port
+
+    real = mev.window_batches
+
+    def recorder(log: list):
+        def wrapped(raw, batch_size, seed, period, shuffle=True):
+            batches = list(real(raw, batch_size, seed, period, shuffle))
+            log.append((period, [b.index.copy() for b in batches]))
+            return iter(batches)
+        return wrapped
+
+    single: list = []
+    multi: list = []
+    cols = Columns("time", "clicked", ["ad", "user"], ["pos"])
+    df = prepare_frame(drift_frame(4, periods=4, per_period=300), cols)
+    ec = EvalConfig(periods=4, warm_start=1, search_trials=0, seeds=1, strategies=("finetune",), batch_size=100,
+                    capacity=512, embedding_dim=4, hidden=(8,))
+    monkeypatch.setattr(mev, "window_batches", recorder(single))
+    run_protocol(df, cols, ec)
+    monkeypatch.setattr(mdist, "window_batches", recorder(multi))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        mdist.run_dist_protocol(df, cols, ec)
+    finally:
+        dist.destroy_process_group()
+    assert [p for p, _ in single] == [p for p, _ in multi] == [-1, 1, 2]
+    for (_, a), (_, b) in zip(single, multi):
+        assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(single[1][1][0], np.arange(single[1][1][0][0], single[1][1][0][0] + 100))  # shuffled

@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 
 from core.errors import ConfigError
-from models.ctr import CTRLearner, iter_batches
-from models.evaluation import Columns, EvalConfig, _check_hygiene, period_bounds, prepare_frame, run_protocol, strategy_config
+from models.ctr import CTRLearner, auc, iter_batches
+from models.eval_report import paired_difference, weighted_auc
+from models.evaluation import (STRATEGIES, Columns, EvalConfig, _check_hygiene, period_bounds, prepare_frame,
+                               run_protocol, strategy_config)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -45,7 +47,8 @@ COLS = Columns("time", "clicked", ["ad", "user"], ["pos"], segment="stable")
 
 def test_protocol_hygiene_every_strategy() -> None:
     df = drift_frame(0, periods=5, per_period=600)
-    ec = EvalConfig(periods=5, warm_start=2, batch_size=256, fp="count", embedding_dim=4, hidden=(8,))
+    ec = EvalConfig(periods=5, warm_start=2, batch_size=256, fp="count", embedding_dim=4, hidden=(8,), search_trials=0,
+                    seeds=1)
     report, audit = run_protocol(df, COLS, ec)
     bounds = period_bounds(len(df), 5)
     assert report["periods"] == [3, 4]
@@ -76,15 +79,30 @@ def test_bad_inputs_are_config_errors() -> None:
     df = drift_frame(0, periods=2, per_period=50)
     with pytest.raises(ConfigError, match="missing column"):
         prepare_frame(df, Columns("time", "clicked", ["nope"]))
-    with pytest.raises(ConfigError, match="nothing to evaluate"):
-        EvalConfig(periods=3, warm_start=2).validate()
+    with pytest.raises(ConfigError, match="nothing to test"):
+        EvalConfig(periods=3, warm_start=2, search_trials=0).validate()
+    with pytest.raises(ConfigError, match="nothing to test"):  # the validation prefix needs its own periods
+        EvalConfig(periods=5, warm_start=2, val_periods=2).validate()
     with pytest.raises(ConfigError, match="unknown strategies"):
         EvalConfig(strategies=("magic",)).validate()
 
 
+def test_unsorted_input_is_sorted_or_refused(caplog) -> None:
+    df = drift_frame(0, periods=3, per_period=200)
+    shuffled = df.sample(frac=1.0, random_state=0)
+    ec = EvalConfig(periods=3, warm_start=1, search_trials=0, seeds=1, embedding_dim=4, hidden=(8,))
+    with pytest.raises(ConfigError, match="not sorted by 'time'"):
+        run_protocol(shuffled, COLS, ec)
+    with caplog.at_level("WARNING"):
+        fixed = prepare_frame(shuffled, COLS)
+    assert "not sorted" in caplog.text
+    assert fixed["time"].is_monotonic_increasing and fixed["time"].tolist() == df["time"].tolist()
+    run_protocol(fixed, COLS, ec)  # accepted once sorted
+
+
 # The regime where incremental updates overfit the newest window: several epochs per period at a
 # high learning rate (docs/ctr.md). λ = 2 for the Model Prior, learned Feature Prior.
-DRIFT_SETTINGS = dict(epochs=3, emb_lr=0.3, dense_lr=0.05, mp_lambda=2.0, warm_start=2, periods=8)
+DRIFT_SETTINGS = dict(epochs=3, emb_lr=0.3, dense_lr=0.05, mp_lambda=2.0, warm_start=2, periods=8, search_trials=0, seeds=1)
 
 
 def test_ddp_beats_finetune_under_drift_and_keeps_stable_knowledge() -> None:
@@ -121,33 +139,45 @@ def _cli(argv: list[str]) -> int:
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_cli_writes_contract_report(tmp_path, fmt: str, capsys) -> None:
-    df = drift_frame(2, periods=4, per_period=300)
+    df = drift_frame(2, periods=5, per_period=500)
     df.loc[5, "pos"] = np.nan  # NaN numeric values are fine
     df["when"] = pd.to_datetime(df["time"], unit="s")  # a date/time column works as time
     path = tmp_path / f"tiny.{fmt}"
     df.to_csv(path, index=False) if fmt == "csv" else df.to_parquet(path)
     out = tmp_path / "out"
     rc = _cli(["evaluate-ctr", "--data", str(path), "--time-col", "when", "--label-col", "clicked",
-               "--categorical", "ad,user,stable", "--numeric", "pos", "--periods", "4", "--warm-start", "1",
+               "--categorical", "ad,user,stable", "--numeric", "pos", "--periods", "5", "--warm-start", "1",
+               "--val-periods", "1", "--search-trials", "2", "--seeds", "3",
                "--strategies", "retrain,finetune,distill,ddp-fp,ddp-mp,ddp", "--batch-size", "128",
                "--embedding-dim", "4", "--capacity", "512", "--out", str(out)])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
-    assert set(rep) == {"periods", "strategies"}
-    assert rep["periods"] == [2, 3]
+    assert {"periods", "validation_periods", "strategies", "paired", "protocol", "data"} <= set(rep)
+    assert rep["periods"] == [3, 4] and rep["validation_periods"] == [2]
     assert set(rep["strategies"]) == {"retrain", "finetune", "distill", "ddp-fp", "ddp-mp", "ddp"}
-    for r in rep["strategies"].values():
-        assert set(r) == {"auc", "logloss", "mean_auc", "mean_logloss", "train_seconds"}
-        assert len(r["auc"]) == 2 and len(r["logloss"]) == 2 and 0.4 < r["mean_auc"] < 1.0
+    for name, r in rep["strategies"].items():
+        assert {"auc", "logloss", "mean_auc", "mean_logloss", "train_seconds", "mean_auc_std", "seeds", "chosen",
+                "validation_auc", "search"} <= set(r)
+        assert r["seeds"] == 3 and len(r["auc"]) == 2 and len(r["search"]) == 2
+        # the drift world is learnable: every strategy ranks clearly better than a constant (0.5)
+        assert r["mean_auc"] > 0.6, (name, r["mean_auc"])
+        assert r["mean_auc"] == pytest.approx(np.mean(r["auc"]), abs=1e-9)
+    assert set(rep["paired"]) == {"retrain - finetune", "distill - finetune", "ddp-fp - finetune", "ddp-mp - finetune",
+                                  "ddp - finetune", "ddp - retrain"}
+    for key, p in rep["paired"].items():
+        a, b = key.split(" - ")
+        assert p["mean"] == pytest.approx(rep["strategies"][a]["mean_auc"] - rep["strategies"][b]["mean_auc"], abs=1e-9)
+        assert p["ci95"][0] <= p["mean"] <= p["ci95"][1] and len(p["per_period"]) == 2
     assert (out / "report.png").stat().st_size > 1000
-    assert "mean_auc" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mean_auc" in printed and "ddp - finetune" in printed and "95% CI" in printed
 
 
 def test_cli_bad_columns_and_files(tmp_path, capsys) -> None:
     path = tmp_path / "tiny.csv"
     drift_frame(2, periods=3, per_period=50).to_csv(path, index=False)
     base = ["evaluate-ctr", "--data", str(path), "--time-col", "time", "--label-col", "clicked",
-            "--periods", "3", "--warm-start", "1", "--out", str(tmp_path / "o")]
+            "--periods", "3", "--warm-start", "1", "--search-trials", "0", "--out", str(tmp_path / "o")]
     assert _cli(base + ["--categorical", "ad,colour"]) == 1
     assert "missing column(s) ['colour']" in capsys.readouterr().err
     assert _cli([*base[:2], str(tmp_path / "none.csv"), *base[3:], "--categorical", "ad"]) == 1
@@ -155,3 +185,92 @@ def test_cli_bad_columns_and_files(tmp_path, capsys) -> None:
     assert _cli(base + ["--categorical", "ad", "--strategies", "finetune,best"]) == 1
     assert "unknown" in capsys.readouterr().err
     assert not (tmp_path / "o" / "report.json").exists()
+
+
+# ------------------------------------------------------------------------------------ protocol
+
+
+def _small(**kw) -> EvalConfig:
+    base = dict(periods=6, warm_start=1, val_periods=2, search_trials=2, seeds=1, batch_size=256, embedding_dim=4,
+                hidden=(8,), capacity=1024)
+    return EvalConfig(**{**base, **kw})
+
+
+def test_search_never_sees_the_test_periods() -> None:
+    """The choice is made on the validation prefix only: scrambling every label of the test
+    periods changes the reported numbers and nothing about what the search chose."""
+    cols = Columns("time", "clicked", ["ad", "user"], ["pos"])
+    df = prepare_frame(drift_frame(3, periods=6, per_period=500), cols)
+    ec = _small(strategies=("finetune", "ddp"), search_trials=4)
+    rep, _ = run_protocol(df, cols, ec)
+    bounds = period_bounds(len(df), 6)
+    scrambled = df.copy()
+    lo = bounds[ec.test_periods()[0]][0]
+    scrambled.loc[lo:, "clicked"] = np.random.default_rng(0).permutation(scrambled.loc[lo:, "clicked"].to_numpy())
+    rep2, _ = run_protocol(scrambled, cols, ec)
+    for s in ("finetune", "ddp"):
+        assert rep2["strategies"][s]["chosen"] == rep["strategies"][s]["chosen"]
+        assert [t["val_auc"] for t in rep2["strategies"][s]["search"]] == [t["val_auc"] for t in rep["strategies"][s]["search"]]
+        assert abs(rep2["strategies"][s]["mean_auc"] - rep["strategies"][s]["mean_auc"]) > 0.02
+    # stage 1 (trials 0, 1): the same shared settings for both strategies; stage 2 (2, 3): their own
+    trials = {s: rep["strategies"][s]["search"] for s in ("finetune", "ddp")}
+    assert [t["stage"] for t in trials["ddp"]] == [1, 1, 2, 2]
+    assert trials["ddp"][1]["settings"] == trials["finetune"][1]["settings"] and trials["ddp"][1]["settings"]
+    assert "mp_lambda" in trials["ddp"][2]["settings"] and "mp_lambda" not in trials["finetune"][2]["settings"]
+
+
+@pytest.mark.parametrize("mode,window,expect", [("expanding", None, lambda t: 0), ("sliding", 2, lambda t: t - 1)])
+def test_retrain_trains_fresh_on_an_expanding_or_sliding_window(monkeypatch, mode, window, expect) -> None:
+    seen: list[tuple[int, int]] = []
+    real = CTRLearner.train_window
+
+    def spy(self, batches, *a, **kw):
+        batches = list(batches)
+        idx = np.concatenate([b.index for b in batches])
+        seen.append((int(idx.min()), int(idx.max())))
+        assert self.windows_trained == 0  # a fresh model every time
+        return real(self, batches, *a, **kw)
+
+    monkeypatch.setattr(CTRLearner, "train_window", spy)
+    df = drift_frame(0, periods=5, per_period=200)
+    ec = _small(periods=5, warm_start=1, search_trials=0, strategies=("retrain",), retrain_mode=mode, retrain_window=window)
+    run_protocol(df, COLS, ec)
+    bounds = period_bounds(len(df), 5)
+    assert [s for s in seen] == [(bounds[expect(t)][0], bounds[t][1] - 1) for t in range(1, 4)]
+
+
+def test_every_strategy_has_the_first_order_term_and_ablations_differ_by_one_switch() -> None:
+    ec = EvalConfig()
+    cfgs = {s: strategy_config(s, ec, COLS, 0).to_dict() for s in STRATEGIES}
+    assert all(c["first_order"] for c in cfgs.values())
+    ft = cfgs["finetune"]
+
+    def diff(s: str) -> set[str]:
+        return {k for k in ft if cfgs[s][k] != ft[k]}
+
+    assert diff("retrain") == set()
+    assert diff("distill") == {"distill_weight"}
+    assert diff("ddp-fp") == {"fp"}
+    assert diff("ddp-mp") == {"mp"}
+    assert diff("ddp") == {"fp", "mp"}
+
+
+def test_weighted_auc_and_the_paired_bootstrap() -> None:
+    rng = np.random.default_rng(0)
+    y = (rng.random(3000) < 0.2).astype(float)
+    p = np.round(rng.random(3000) * 20) / 20 + 0.1 * y  # many ties
+    assert weighted_auc(y, p, np.ones((1, 3000)))[0] == pytest.approx(auc(y, p), abs=1e-12)
+    w = rng.integers(0, 3, 3000)  # integer weights = the data set with each row repeated w times
+    rep = np.repeat(np.arange(3000), w)
+    assert weighted_auc(y, p, w[None].astype(float))[0] == pytest.approx(auc(y[rep], p[rep]), abs=1e-12)
+    # a strategy against itself: exactly 0; a clearly better one: an interval above 0
+    labels = [y[:1500], y[1500:]]
+    a = [[p[:1500], p[1500:]]] * 3
+    same = paired_difference(labels, a, a, n_boot=200)
+    assert same["mean"] == 0.0 and same["ci95"] == [0.0, 0.0]
+    better = [[p[:1500] + 0.3 * y[:1500], p[1500:] + 0.3 * y[1500:]]] * 3
+    d = paired_difference(labels, better, a, n_boot=200)
+    assert d["ci95"][0] > 0.01 and d["periods_better"] == 2
+    noise = [[p[:1500] + rng.normal(0, 0.3, 1500), p[1500:] + rng.normal(0, 0.3, 1500)] for _ in range(3)]
+    d2 = paired_difference(labels, noise, a, n_boot=200)
+    assert d2["ci95"][1] < 0 and d2["ci95"][0] < d2["mean"] < d2["ci95"][1]

@@ -30,9 +30,16 @@ Run by every process of a ``torch.distributed`` job (the caller initialises the 
   (``comm_ops.GRADIENT_DIVISION``), so a step equals a step on the mean loss of the global batch.
 - The embedding collection is wrapped in :class:`FieldOrder`: a sharded collection returns its
   pooled embeddings grouped by rank, and the network reads them in field order.
+- Per-example Model Prior strengths (``mp_lambda_mode`` ``count`` / ``evidence``) are computed
+  like the single-process learner's: from the mappers as they were at the start of the window
+  (sightings before the window; values without a row then get none) and the window's own counts.
 - Not supported under DMP (refused with a clear error): the Feature Prior (``fp != "off"``), the
-  logit-chain Model Prior (``mp="logit"``) and id expiry (``ttl``), which would need per-row
-  resets of sharded tables.
+  logit-chain Model Prior (``mp="logit"``), the per-window λ adaptation (``mp_adapt``), the
+  first-order table (``first_order``; :func:`dist_config` turns it off for every strategy alike)
+  and id expiry (``ttl``), which would need per-row resets of sharded tables.
+- Training windows are the same batches as in the single-process protocol
+  (:func:`models.evaluation.window_batches`: rows shuffled per window with a seed from
+  (seed, period)).
 
 Pure: tensors, frames and plain dicts; no Kafka, Feast, HTTP, clock or environment reads (the
 process group is created by the caller).
@@ -56,10 +63,13 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from models.ctr.backbones import build_backbone
 from models.ctr.features import ModelInput, RawBatch, RunningStandardizer, concat, iter_batches, make_kjt, raw_from_frame
 from models.ctr.hashing import IdMapper
-from models.ctr.losses import bce, count_strength, distill_loss, mp_kl_loss, mp_posterior_loss
+from models.ctr.losses import bce, distill_loss, mp_kl_loss, mp_posterior_loss
 from models.ctr.metrics import auc, logloss
 from models.ctr.model import CTRConfig, CTRNet
-from models.evaluation import Columns, EvalConfig, _check_hygiene, _report, period_bounds, strategy_config
+from models.ctr.prior_strength import strengths, window_counts
+from models.eval_report import summarise
+from models.evaluation import (Columns, EvalConfig, _check_hygiene, check_sorted, period_bounds, strategy_config,
+                               window_batches)
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +90,19 @@ def check_supported(cfg: CTRConfig) -> None:
         raise DistConfigError("the Feature Prior (fp=learned|count) is not supported under DMP; use fp=off")
     if cfg.mp == "logit":
         raise DistConfigError("mp=logit (a chain of frozen networks) is not supported under DMP; use posterior or kl")
+    if cfg.mp_adapt != "off":
+        raise DistConfigError("mp_adapt (per-window λ scale) is not supported under DMP; use mp_adapt=off")
+    if cfg.first_order:
+        raise DistConfigError("the first-order table is not supported under DMP; use first_order=False")
     ttl = [f.name for f in cfg.fields if f.ttl is not None]
     if ttl:
         raise DistConfigError(f"id expiry (ttl) is not supported under DMP (fields {ttl}): recycled rows cannot be reset")
+
+
+def dist_config(cfg: CTRConfig) -> CTRConfig:
+    """A strategy's configuration as DMP runs it: no first-order table and no per-window λ
+    adaptation (both single-process only; the same for every strategy)."""
+    return replace(cfg, first_order=False, mp_adapt="off")
 
 
 # ---------------------------------------------------------------------------------------- sharding plan
@@ -231,6 +251,7 @@ class _Local:
     inp: ModelInput
     n_valid: int  # rows beyond n_valid are padding (every rank runs the same local batch size)
     n_global: int  # rows of the global batch
+    lam: torch.Tensor | None = None  # per-example Model Prior strength of the local rows
 
 
 class DistCTRLearner:
@@ -339,25 +360,35 @@ class DistCTRLearner:
         return sum(p.numel() for _, p in in_backward_filter(self.model))
 
     # ------------------------------------------------------------------ encoding
-    def _encode_global(self, raw: RawBatch, train: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Row ids, value counts (before this batch) and standardised dense of the whole batch."""
+    def _encode_global(self, raw: RawBatch, train: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Row ids and standardised dense of the whole batch."""
         rows = np.empty((len(raw), len(self.fields)), dtype=np.int64)
-        counts = np.empty_like(rows)
         for fi, (f, m) in enumerate(zip(self.fields, self.mappers)):
             if train:
                 r, _fresh = m.observe(raw.cats[f], raw.times)  # fresh rows were never used (no ttl)
-                occ = np.bincount(r, minlength=m.capacity)[r]
-                counts[:, fi] = m.counts[r] - occ
             else:
                 r = m.lookup(raw.cats[f])
-                counts[:, fi] = m.counts[r]
             rows[:, fi] = r
         if train:
             self.standardizer.update(raw.dense)
-        return rows, counts, self.standardizer.transform(raw.dense)
+        return rows, self.standardizer.transform(raw.dense)
 
-    def _local(self, raw: RawBatch, train: bool) -> _Local:
-        rows, counts, dense = self._encode_global(raw, train)
+    def _strengths(self, batches: Sequence[RawBatch]) -> list[np.ndarray]:
+        """Per-example Model Prior strength of every global batch of a window, from the mappers as
+        they are *before* the window (the previous model's evidence) and the window's own counts."""
+        cfg = self.config
+        rows = [np.stack([m.lookup(b.cats[f]) for f, m in zip(self.fields, self.mappers)], 1) for b in batches]
+        win = window_counts(rows, [f.capacity for f in cfg.fields])
+        out = []
+        for r in rows:
+            before = np.stack([np.where(r[:, f] > 0, self.mappers[f].counts[r[:, f]], 0) for f in range(r.shape[1])], 1)
+            m = np.stack([win[f][r[:, f]] for f in range(r.shape[1])], 1)
+            lam = strengths(cfg.mp_lambda_mode, cfg.mp_lambda, before.astype(np.float64), m, cfg.mp_count_n0, cfg.mp_count_agg)
+            out.append(lam.numpy())
+        return out
+
+    def _local(self, raw: RawBatch, train: bool, lam: np.ndarray | None = None) -> _Local:
+        rows, dense = self._encode_global(raw, train)
         n = len(raw)
         mine = _split(n, self.world, self.rank)
         width = max(1, -(-n // self.world))
@@ -368,9 +399,9 @@ class DistCTRLearner:
             rows=torch.from_numpy(rows[idx]).to(dev),
             dense=torch.from_numpy(np.ascontiguousarray(dense[idx])).to(dev),
             labels=torch.from_numpy(np.ascontiguousarray(raw.labels[idx], dtype=np.float32)).to(dev),
-            value_counts=torch.from_numpy(counts[idx]).to(dev),
         )
-        return _Local(inp, len(mine), n)
+        lam_t = torch.from_numpy(np.ascontiguousarray(lam[idx], dtype=np.float32)).to(dev) if lam is not None else None
+        return _Local(inp, len(mine), n, lam_t)
 
     # ------------------------------------------------------------------ forward / loss
     def _logits(self, inp: ModelInput) -> torch.Tensor:
@@ -383,17 +414,17 @@ class DistCTRLearner:
     def _needs_prev(self) -> bool:
         return self.config.mp in ("posterior", "kl") or self.config.distill_weight > 0
 
-    def _main_loss(self, z: torch.Tensor, inp: ModelInput, z_prev: torch.Tensor | None) -> torch.Tensor:
+    def _main_loss(
+        self, z: torch.Tensor, inp: ModelInput, z_prev: torch.Tensor | None, lam: torch.Tensor | None
+    ) -> torch.Tensor:
         """Same rules as ``CTRLearner._main_loss`` (without the logit chain)."""
         cfg, y = self.config, inp.labels
         if z_prev is None:
             return bce(z, y)
         if cfg.mp in ("posterior", "kl"):
-            lam: float | torch.Tensor = cfg.mp_lambda
-            if cfg.mp_lambda_mode == "count":
-                assert inp.value_counts is not None
-                lam = count_strength(cfg.mp_lambda, inp.value_counts, cfg.mp_count_n0)
-            return mp_posterior_loss(z, y, z_prev, lam) if cfg.mp == "posterior" else mp_kl_loss(z, y, z_prev, lam)
+            assert lam is not None
+            loss = mp_posterior_loss if cfg.mp == "posterior" else mp_kl_loss
+            return loss(z, y, z_prev, lam, cfg.mp_weighted)
         if cfg.distill_weight > 0:
             return distill_loss(z, y, z_prev, cfg.distill_weight, cfg.distill_temperature)
         return bce(z, y)
@@ -401,16 +432,17 @@ class DistCTRLearner:
     def _step(self, loc: _Local, z_prev: torch.Tensor | None) -> float:
         z = self.model(loc.inp)[0]
         k = loc.n_valid
-        inp = loc.inp
+        inp, lam = loc.inp, loc.lam
         if k < len(z):  # drop the padding rows from the loss (they get no gradient)
-            inp = replace(inp, labels=inp.labels[:k], value_counts=inp.value_counts[:k] if inp.value_counts is not None else None)
+            inp = replace(inp, labels=inp.labels[:k])
             z = z[:k]
             z_prev = z_prev[:k] if z_prev is not None else None
+            lam = lam[:k] if lam is not None else None
         if k == 0:  # a global batch smaller than the world: this rank still joins the collectives
             loss = z.sum() * 0.0
             weight = 1.0
         else:
-            loss = self._main_loss(z, inp, z_prev)
+            loss = self._main_loss(z, inp, z_prev, lam)
             # DDP and TorchRec average gradients over the ranks; weighting the local mean by
             # k·N/n makes that average the gradient of the global-batch mean even when the
             # slices differ in size (n not divisible by N)
@@ -433,7 +465,10 @@ class DistCTRLearner:
         epochs = epochs or self.config.epochs
         batches = [b for b in batches if len(b)]
         use_prev = self._needs_prev() and self.windows_trained > 0
-        encoded = [self._local(b, train=True) for b in batches]
+        lams: list[np.ndarray | None] = [None] * len(batches)
+        if use_prev and self.config.mp in ("posterior", "kl"):
+            lams = list(self._strengths(batches))  # before any id of this window is admitted
+        encoded = [self._local(b, train=True, lam=lam) for b, lam in zip(batches, lams)]
         for b in batches:
             self.seen_max_index = max(self.seen_max_index, int(b.index.max()))
             self.seen_max_time = max(self.seen_max_time, float(b.times.max()))
@@ -506,8 +541,10 @@ def run_dist_protocol(
     ``emb_optimizer`` overrides the strategies' embedding optimizer. ``dist_info`` holds the world size, the plan and per-rank facts (shards really held,
     examples trained, dense parameter count) gathered from all ranks. Identical on every rank.
     """
+    ec = replace(ec, search_trials=0)  # DMP runs the given settings (the search is single-process)
     ec.validate()
     check_strategies(ec.strategies)
+    check_sorted(df, cols.time)
     raw = raw_from_frame(df, cols.categorical, cols.numeric, cols.label, cols.time)
     bounds = period_bounds(len(raw), ec.periods)
     parts = [raw.slice(lo, hi) for lo, hi in bounds]
@@ -521,18 +558,18 @@ def run_dist_protocol(
     for s_i in range(ec.seeds):
         seed = ec.base_seed + s_i
         for name in ec.strategies:
-            cfg = replace(strategy_config(name, ec, cols, seed), emb_optimizer=emb_optimizer)
+            cfg = replace(dist_config(strategy_config(name, ec, cols, seed)), emb_optimizer=emb_optimizer)
             t_build = time.perf_counter()
             learner = DistCTRLearner(cfg, sharding, device=device, planner=planner)
             tables = learner.tables
             build_s = time.perf_counter() - t_build
             aucs, lls, secs = [], [], 0.0
             t0 = time.perf_counter()
-            learner.train_window(list(iter_batches(concat(parts[:k]), ec.batch_size, shuffle_seed=seed)), shuffle_seed=seed)
+            learner.train_window(list(window_batches(concat(parts[:k]), ec.batch_size, seed, -1, ec.shuffle)), shuffle_seed=seed)
             secs += time.perf_counter() - t0
             for t in range(k, ec.periods - 1):
                 t0 = time.perf_counter()
-                learner.train_window(list(iter_batches(parts[t], ec.batch_size, shuffle_seed=seed)), shuffle_seed=seed)
+                learner.train_window(list(window_batches(parts[t], ec.batch_size, seed, t, ec.shuffle)), shuffle_seed=seed)
                 secs += time.perf_counter() - t0
                 rec = _check_hygiene(learner, bounds[t + 1][0], f"{name}/seed {seed}/period {t + 1}")  # type: ignore[arg-type]
                 probs = learner.predict(parts[t + 1], max(ec.batch_size, 4096))
@@ -565,4 +602,4 @@ def run_dist_protocol(
         "tables": tables,
         "ranks": ranks_info,
     }
-    return _report(eval_periods, per), audit, info
+    return {"periods": eval_periods, "strategies": summarise(per)}, audit, info

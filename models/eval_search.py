@@ -1,0 +1,91 @@
+"""The budgeted hyper-parameter search of the CTR protocol: the same for every strategy.
+
+Every strategy, baselines included, gets the same number of trials (``EvalConfig.search_trials``)
+and the same two-stage procedure:
+
+1. *Shared settings* (learning rates, epochs), half the budget: trial 0 is the configuration as
+   given (the defaults); trial j ≥ 1 draws the shared settings from a stream seeded by ``j``
+   alone, so trial j of every strategy uses the very same shared settings (common random numbers:
+   strategies are compared on equal footing, not on who drew luckier learning rates). The
+   strategy's own settings stay at their defaults.
+2. *Own settings*, the other half: around the stage-1 winner (its learning rates multiplied by a
+   log-uniform factor in [1/2, 2], its epochs kept), the strategy's own settings (retrain mode and
+   window, distillation weight and temperature, prior strengths) are drawn from a stream seeded by
+   ``j`` and the strategy's name. Fine-tuning has no own settings: its second stage refines the
+   learning rates only.
+
+Each trial runs the strategy on the validation prefix only (warm start, then train on period t and
+score period t+1 for the ``val_periods`` periods after the warm start) and is ranked by its mean
+validation AUC (ties: lower LogLoss). The test periods are never touched by the search.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched setting: ``log`` draws log-uniformly in ``values = (lo, hi)``; ``choice``
+    draws one of ``values``."""
+
+    name: str
+    kind: str
+    values: tuple[Any, ...]
+
+    def draw(self, rng: np.random.Generator) -> Any:
+        if self.kind == "log":
+            lo, hi = self.values
+            return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        return self.values[int(rng.integers(len(self.values)))]
+
+
+SHARED = (
+    Param("emb_lr", "log", (0.003, 0.2)),
+    Param("dense_lr", "log", (0.001, 0.05)),
+    Param("epochs", "choice", (1, 2, 3)),
+)
+_FP = (Param("fp_strength", "log", (5.0, 200.0)), Param("fp_decay", "choice", (1.0, 0.8, 0.5)))
+_MP = (Param("mp_lambda", "log", (0.05, 2.0)),)
+OWN: dict[str, tuple[Param, ...]] = {
+    "retrain": (Param("retrain_mode", "choice", ("expanding", "sliding")), Param("retrain_window", "choice", (1, 2, 3, 4))),
+    "finetune": (),
+    "distill": (Param("distill_weight", "log", (0.1, 3.0)), Param("distill_temperature", "choice", (1.0, 2.0, 4.0))),
+    "ddp-fp": _FP,
+    "ddp-mp": _MP,
+    "ddp": _FP + _MP,
+}
+
+
+def stage1(n: int, search_seed: int = 0) -> list[dict[str, Any]]:
+    """The first-stage trials (the same for every strategy): ``{}`` first, then shared draws."""
+    return [{}] + [{p.name: p.draw(np.random.default_rng([search_seed, j])) for p in SHARED} for j in range(1, n)]
+
+
+def stage2(strategy: str, winner: dict[str, Any], base: dict[str, Any], n: int, search_seed: int = 0) -> list[dict[str, Any]]:
+    """Second-stage trials around the stage-1 winner (``winner``: its settings, ``base``: the
+    values the winner left at their defaults)."""
+    tag = zlib.crc32(strategy.encode())
+    out = []
+    for j in range(n):
+        rng = np.random.default_rng([search_seed, 1000 + j, tag])
+        t = {**{p.name: base[p.name] for p in SHARED}, **winner}
+        for lr in ("emb_lr", "dense_lr"):
+            t[lr] = float(t[lr] * 2.0 ** rng.uniform(-1.0, 1.0))
+        t.update({p.name: p.draw(rng) for p in OWN.get(strategy, ())})
+        out.append(t)
+    return out
+
+
+def best_trial(results: list[dict[str, Any]]) -> int:
+    """Index of the trial with the highest mean validation AUC (ties: lower LogLoss; NaN last)."""
+
+    def key(i: int) -> tuple[float, float]:
+        a, ll = results[i]["val_auc"], results[i]["val_logloss"]
+        return (a if a is not None and np.isfinite(a) else -np.inf, -(ll if ll is not None and np.isfinite(ll) else np.inf))
+
+    return max(range(len(results)), key=key)
