@@ -4,7 +4,8 @@ Phase 1 (throughput): ``--examples`` synthetic-world examples are produced to a 
 topic first. Then, in the same run:
 
 * ``raw_consume``: a plain confluent-kafka consumer reads the backlog (no decoding): the ceiling;
-* ``consume_decode``: the same plus ``core.events.decode`` of every record;
+* ``consume_decode``: the same plus the worker's batch decode of every consumed batch
+  (``streams.model_worker.decode_examples``, as the trainer does);
 * ``trainer``: ``streams.trainer`` drains the backlog (windows of ``--window`` examples, gate,
   training, registry writes, checkpoint per window). Examples/s = examples / (last window done -
   start of the trainer; torch imports excluded), plus the time spent training and gating. A second
@@ -36,7 +37,7 @@ import time
 import uuid
 from pathlib import Path
 
-from core.events import Example, decode, encode
+from core.events import Example, encode
 from core.settings import BrokerSettings, KafkaSettings, Settings, TopicNames, TrainerSettings
 
 log = logging.getLogger("bench_trainer")
@@ -72,14 +73,15 @@ def consume_all(bootstrap: str, topic: str, n: int, do_decode: bool) -> float:
                   "enable.auto.commit": False, "fetch.wait.max.ms": 50})
     md = c.list_topics(topic=topic, timeout=10)
     c.assign([TopicPartition(topic, p, 0) for p in md.topics[topic].partitions])
+    from streams.model_worker import decode_examples
+
     got = 0
     t0 = time.perf_counter()
     while got < n:
-        for m in c.consume(num_messages=1000, timeout=1.0):
-            if m.error() is None:
-                got += 1
-                if do_decode:
-                    decode(m.value(), Example, now=time.time())
+        msgs = [m for m in c.consume(num_messages=1000, timeout=1.0) if m.error() is None]
+        got += len(msgs)
+        if do_decode and msgs:
+            decode_examples([m.value() for m in msgs], time.time())
     dt = time.perf_counter() - t0
     c.close()
     return n / dt

@@ -286,6 +286,11 @@ def main() -> int:
             out_file = RESULTS / f"{name}.json"
             args = [x.replace("{B}", bootstrap).replace("{R}", redis_url) for x in argv]
             cmd = [sys.executable, *args, "--out", str(out_file)]
+            if redis_url and "{R}" in " ".join(argv):  # each benchmark starts from an empty Redis:
+                import redis  # rows another one wrote (same project, newer event times) would win
+
+                host, port = redis_url.rsplit(":", 1)
+                redis.Redis(host=host, port=int(port)).flushall()
             print(f"== {name}: {' '.join(args)}  (load {os.getloadavg()[0]:.1f})", flush=True)
             t0 = time.time()
             if out_file.exists():

@@ -142,6 +142,7 @@ class AggregateState:
         # vectorised step before any read (the fold is order-independent, so batching is exact up
         # to float rounding) -- half of the per-event work otherwise
         self._field_pending: dict[str, list[tuple[float, bool]]] = {e: [] for e in ENTITY_TYPES}
+        self._field_chunks: dict[str, list[Any]] = {e: [] for e in ENTITY_TYPES}  # from apply_records
 
     @property
     def rows(self) -> dict[str, dict[str, _Row]]:
@@ -187,23 +188,107 @@ class AggregateState:
             if not sharded:
                 self._field_pending[etype].append(ev)
 
+    def apply_records(self, recs: list[dict[str, Any]]) -> None:
+        """A batch of decoded impressions and clicks (``Event.to_dict()`` shape): the same rows as
+        :meth:`apply_record` one by one, up to float rounding, folded per entity type with numpy
+        (each touched row is read and written once per batch, the decay sums for all of them at
+        once: the formula of :meth:`_settle_fields`)."""
+        import numpy as np
+        import pandas as pd
+
+        n = len(recs)
+        if not n:
+            return
+        self.events_applied += n
+        t_all = np.array([r["event_time"] for r in recs], dtype=np.float64)
+        clk_all = np.array([r["type"] == "click" for r in recs], dtype=bool)
+        rates = np.array(self._rates)
+        nh = len(rates)
+        sharded = self.shards > 1
+        for etype, jk in JOIN_KEYS.items():
+            keys = np.array([r[jk] for r in recs], dtype=object)
+            sel = keys != ""
+            if not sel.any():
+                continue
+            if not sharded or self.shard == 0:
+                self._field_chunks[etype].append((t_all[sel], clk_all[sel]))
+            if sharded:
+                owned = self._owned[etype]
+                mine = np.fromiter((owned[k] if k in owned else owned.setdefault(
+                    k, owner(etype, k, self.shards) == self.shard) for k in keys[sel]), dtype=bool,
+                    count=int(sel.sum()))
+                sel[sel] = mine
+                if not sel.any():
+                    continue
+            t, clk = t_all[sel], clk_all[sel]
+            codes, uniq = pd.factorize(keys[sel])
+            m = len(uniq)
+            rows_d = self._rows[etype]
+            rows = []
+            for k in uniq:
+                row = rows_d.get(k)
+                if row is None:
+                    row = rows_d[k] = _Row(nh)
+                rows.append(row)
+            t_ref = np.array([r.t_ref for r in rows])
+            dimp = np.array([r.dimp for r in rows]).reshape(m, nh)
+            dclk = np.array([r.dclk for r in rows]).reshape(m, nh)
+            t_max = np.full(m, -math.inf)
+            np.maximum.at(t_max, codes, t)
+            t_new = np.maximum(t_ref, t_max)
+            old = np.isfinite(t_ref)
+            f = np.ones((m, nh))
+            f[old] = np.exp(-rates[None, :] * (t_new[old] - t_ref[old])[:, None])
+            w = np.exp(-rates[None, :] * (t_new[codes] - t)[:, None])
+            add_imp = np.zeros((m, nh))
+            add_clk = np.zeros((m, nh))
+            np.add.at(add_imp, codes[~clk], w[~clk])
+            np.add.at(add_clk, codes[clk], w[clk])
+            dimp = dimp * f + add_imp
+            dclk = dclk * f + add_clk
+            n_imp = np.bincount(codes[~clk], minlength=m)
+            n_clk = np.bincount(codes[clk], minlength=m)
+            li = np.zeros(m)
+            lc = np.zeros(m)
+            np.maximum.at(li, codes[~clk], t[~clk])
+            np.maximum.at(lc, codes[clk], t[clk])
+            for i, row in enumerate(rows):  # new lists: snapshots share the old ones
+                row.t_ref = float(t_new[i])
+                row.dimp = dimp[i].tolist()
+                row.dclk = dclk[i].tolist()
+                if n_imp[i]:
+                    row.impressions += int(n_imp[i])
+                    if li[i] > row.last_imp:
+                        row.last_imp = float(li[i])
+                if n_clk[i]:
+                    row.clicks += int(n_clk[i])
+                    if lc[i] > row.last_clk:
+                        row.last_clk = float(lc[i])
+            self.dirty[etype].update(uniq.tolist())
+
     def _settle_fields(self) -> None:
         """Fold the pending events into the field rows: with ``T`` = the newest time seen, each
         decayed sum becomes ``D * 2**(-(T - t_ref)/h) + sum_e 2**(-(T - t_e)/h)`` -- the same value
         the per-event fold reaches, in any order."""
         import numpy as np
 
-        for etype, pending in self._field_pending.items():
-            if not pending:
+        for etype in ENTITY_TYPES:
+            pending, chunks = self._field_pending[etype], self._field_chunks[etype]
+            if not pending and not chunks:
                 continue
-            self._field_pending[etype] = []
+            self._field_pending[etype], self._field_chunks[etype] = [], []
             rows = self._rows[etype]
             row = rows.get(FIELD_KEY)
             if row is None:
                 row = rows[FIELD_KEY] = _Row(len(self._rates))
             self.dirty[etype].add(FIELD_KEY)
-            arr = np.array(pending, dtype=np.float64)
-            t, is_click = arr[:, 0], arr[:, 1] > 0.5
+            ts, cs = [c[0] for c in chunks], [c[1] for c in chunks]  # batches from apply_records
+            if pending:
+                arr = np.array(pending, dtype=np.float64)
+                ts.append(arr[:, 0])
+                cs.append(arr[:, 1] > 0.5)
+            t, is_click = np.concatenate(ts), np.concatenate(cs)
+            pending = t  # its length below
             t_new = max(row.t_ref, float(t.max()))
             n_clk = int(is_click.sum())
             dimp, dclk = list(row.dimp), list(row.dclk)  # new lists: snapshots share the old ones
@@ -286,7 +371,7 @@ class AggregateState:
         ]
 
     def has_dirty(self) -> bool:
-        return any(self.dirty.values())
+        return any(self.dirty.values()) or any(self._field_chunks.values())
 
     def dirty_count(self) -> int:
         self._settle_fields()

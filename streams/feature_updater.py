@@ -181,7 +181,9 @@ class FeatureUpdater:
                 out[idx[j]] = err
         return out
 
-    def _handle(self, msg: Any, now: float, dec: Any = None) -> None:
+    def _handle(self, msg: Any, now: float, dec: Any = None, fold: list[dict[str, Any]] | None = None) -> None:
+        """One record; ``fold``: collect the accepted record there (the caller folds the batch at
+        once with ``AggregateState.apply_records``) instead of folding it now."""
         topic, part, off = msg.topic(), msg.partition(), msg.offset()
         raw = msg.value()
         self.offsets[(topic, part)] = off + 1
@@ -203,7 +205,10 @@ class FeatureUpdater:
                 c = self._duplicates[topic] = self.metrics.duplicates.labels(WORKER, topic)
             c.inc()
             return
-        self.state.apply_record(dec)
+        if fold is None:
+            self.state.apply_record(dec)
+        else:
+            fold.append(dec)
         if ts_type != 0 and ts_ms > 0:  # 0 = TIMESTAMP_NOT_AVAILABLE
             t = ts_ms / 1000.0
             self._pending_append_ts.append(t)
@@ -317,8 +322,10 @@ class FeatureUpdater:
             while not stop_event.is_set():
                 msgs = [m for m in consumer.consume(num_messages=5000, timeout=0.05) if not is_error(m)]
                 now = time.time()
+                batch: list[dict[str, Any]] = []
                 for m, dec in zip(msgs, self._decode_batch(msgs, now)):
-                    self._handle(m, now, dec)
+                    self._handle(m, now, dec, batch)
+                self.state.apply_records(batch)
                 mono = time.monotonic()
                 if msgs:
                     last_msg = mono
