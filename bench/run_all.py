@@ -181,6 +181,20 @@ def rows_shards(r: dict) -> list[dict]:
                 "offered rate above what the processes fold on this machine", higher_is_better=False)]
 
 
+def rows_model_freshness(r: dict) -> list[dict]:
+    demo, short = _g(r, "runs", "demo") or {}, _g(r, "runs", "short") or {}
+    d99, s99 = _g(demo, "click_to_served_s", "p99"), _g(short, "click_to_served_s", "p99")
+    d50, s50 = _g(demo, "click_to_served_s", "p50"), _g(short, "click_to_served_s", "p50")
+    base = "same loop, 3 s attribution window, 400-example windows"
+    return [row(f"click -> served model p99, demo settings (s; {demo.get('unserved')} of {demo.get('clicks')} "
+                "clicks unserved at the end)", d99, s99, base, "<= 30 s", None if d99 is None else d99 <= 30, "s",
+                "attribution window (30 s) + lateness + a window of 1,500 examples + the next window for the gate",
+                higher_is_better=False),
+            row("click -> served model p50, short window (s)", s50, d50, "demo settings, same loop", "path to <= 5 s",
+                None if s50 is None else s50 <= 5, "s",
+                "window fill + gate on the next window + loader poll; see docs/speed.md", higher_is_better=False)]
+
+
 def rows_clients(r: dict) -> list[dict]:
     out = []
     for job in ("produce", "consume"):
@@ -212,6 +226,8 @@ BENCHES: dict[str, tuple[list[str], Callable[[dict], list[dict]]]] = {
               rows_serve),
     "shards": (["bench/bench_feature_shards.py", "--shards", "2", "--backlog", "20000", "--rate", "10000",
                 "--seconds", "8", "--bootstrap", "{B}", "--redis-url", "{R}"], rows_shards),
+    "model_freshness": (["bench/bench_model_freshness.py", "--seconds", "45", "--bootstrap", "{B}"],
+                        rows_model_freshness),
     "clients": (["bench/bench_clients.py", "--messages", "50000", "--bootstrap", "{B}"], rows_clients),
 }
 
