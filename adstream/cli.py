@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "creatives": ("adstream.cmd_creatives", "generate -> inspect -> rank new creatives and publish the passing ones"),
     "evaluate-creative": ("adstream.cmd_evaluate_creative", "offline creative ranking (NSCTR): logged, Beta prior, CR and JAC's CR+ on a CSV/Parquet file"),
     "evaluate-query": ("adstream.cmd_evaluate_query", "evaluate query classifiers (plain encoder, SMGCN, SSUF) on a CSV/TSV of texts and labels"),
+    "query-refresh": ("adstream.cmd_query", "keep per-query click statistics current and emit query snapshots (faust agent)"),
+    "query-train": ("adstream.cmd_query", "train the query classifier on query snapshots, gated, into the registry"),
     "train-dist": ("adstream.cmd_train_dist", "incremental CTR training/evaluation under TorchRec DistributedModelParallel (N processes)"),
     "serve": ("adstream.cmd_serve", "run the online ad service (POST /v1/ads)"),
     "simulate-traffic": ("adstream.cmd_simulate", "send ad requests from the synthetic world's users and produce their clicks"),

@@ -104,6 +104,12 @@ def _print_summary(summary: dict, wall: float, plot: Path | None, out_json: Path
                 for k, v in sm.items() if k.startswith("adstream_serve_degraded_total{") and 'component="' in k and v}
     if degraded:
         print(f"degraded responses    : {degraded}")
+    q = summary.get("query")
+    if q:
+        from adstream.query_demo import summary_lines
+
+        for line in summary_lines(q):
+            print(line)
     print(f"wall time             : {wall:.0f}s")
     if plot:
         print(f"plot                  : {plot}")

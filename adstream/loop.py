@@ -51,6 +51,7 @@ class LoopConfig:
     bucket_s: float = 15.0
     keep_served: bool = False
     drain_timeout_s: float = 120.0
+    query: bool = True  # the query classifier's refresh agent and model worker, with a watch (query_demo)
 
 
 class WorkerFailed(RuntimeError):
@@ -216,7 +217,7 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
 
     summary: dict[str, Any] = {"history": res["counts"]}
     try:
-        ports = {n: free_port() for n in ("joiner", "features", "trainer", "serve")}
+        ports = {n: free_port() for n in ("joiner", "features", "trainer", "serve", "query_refresh", "query_trainer")}
         _spawn(loop, "joiner", [py, "-m", "streams.joiner", "--bootstrap", bootstrap,
                                 "--window", str(cfg.join_window_s), "--lateness", str(cfg.lateness_s),
                                 "--runtime", cfg.joiner_runtime, "--metrics-port", str(ports["joiner"])])
@@ -232,6 +233,12 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
         _spawn(loop, "serve", [py, "-m", "adstream", "--bootstrap", bootstrap,
                                "serve", "--port", str(ports["serve"]), "--world-seed", str(cfg.world_seed),
                                "--registry-dir", str(registry_dir), "--repo-dir", str(repo_dir)])
+        if cfg.query:
+            from adstream import query_demo
+
+            query_demo.start_query_workers(loop, _spawn, py, bootstrap, root, registry_dir, ports)
+            watch = query_demo.QueryWatch(registry_dir, query_demo.watch_queries(world) + [query_demo.SIMILAR_QUERY])
+            shift = {"query": watch.queries[0], "done": False}
         url = f"http://127.0.0.1:{ports['serve']}"
         say(f"workers: joiner ({cfg.joiner_runtime} runtime), feature updater, trainer, service on {url}; "
             f"logs in {root / 'logs'}")
@@ -253,6 +260,14 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
                     f"ctr={(d['ctr'] or 0):6.2%} expected={(d['expected_ctr'] or 0):6.2%} "
                     f"p50={d['latency_p50_ms'] or 0:6.1f}ms p99={d['latency_p99_ms'] or 0:6.1f}ms "
                     f"versions={d['model_versions']}")
+            if cfg.query:  # a few live queries and their served categories; halfway, a new category
+                line = watch.line(d["start_s"])
+                if line:
+                    say(line)
+                if not shift["done"] and d["start_s"] >= cfg.traffic_s / 2:
+                    n = query_demo.inject_shift(bootstrap, topics, shift["query"])
+                    shift["done"] = True
+                    say(f"  shift: {n} clicks of {shift['query']!r} now go to {query_demo.NEW_CATEGORY} (a new category)")
             loop.check()
 
         features_before = scrape(ports["features"])  # to tell live freshness from the history backlog
@@ -297,6 +312,19 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
         summary["metrics"]["trainer"] = scrape(ports["trainer"])
         summary["dead_letters"] = dict(Counter(json.loads(v).get("reason", "?") for _k, v, *_ in
                                                read_topic(bootstrap, topics.dead_letter, timeout_s=10, idle_s=0.3)))
+        if cfg.query:
+            line = watch.line(time.time() - traffic_t0)
+            if line:
+                say(line)
+            watch.stop()
+            qreg = ModelRegistry(registry_dir, settings.query.model_name)
+            summary["query"] = {"watch": watch.history, "shifted_query": shift["query"],
+                                "new_category": query_demo.NEW_CATEGORY,
+                                "registry": {"published": qreg.versions(), "rejected": qreg.versions(rejected=True)},
+                                "windows": read_windows(root / "query_trainer" / "windows.jsonl"),
+                                "metrics": {"refresh": scrape(ports["query_refresh"]),
+                                            "trainer": scrape(ports["query_trainer"])}}
+            loop.stop(["query_refresh", "query_trainer"])
         loop.stop(["trainer", "feature_updater", "joiner_drain"])
         summary["windows"] = read_windows(root / "trainer" / "windows.jsonl")
         summary["registry"] = {"latest": reg.latest(), "published": reg.versions(),
