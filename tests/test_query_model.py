@@ -229,3 +229,21 @@ def test_f1_metrics_known_values():
     assert recall_at_k(np.array([[0.1, 0.9, 0.5], [0.9, 0.1, 0.2]]), [{2}, {1, 2}], 2) == pytest.approx(0.75)
     assert predict_sets(np.array([[0.1, 0.2, 0.05]]), 0.5, 1) == [{1}]
     assert predict_sets(np.array([[0.9, 0.8, 0.7]]), 0.5, 1, 2) == [{0, 1}]
+
+
+def test_vectorised_decision_rule_equals_the_brute_force_search():
+    from models.query.classifier import CAPS, THRESHOLDS, best_threshold
+
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        probs = rng.random((80, 12)) ** 3
+        gold = [sorted(set(rng.choice(12, size=int(rng.integers(1, 4))).tolist())) for _ in range(80)]
+        for sel in ("micro_f1", "macro_f1", "mean"):
+            v, (t, cap) = best_threshold(probs, gold, None, sel)
+
+            def score(m):
+                return 0.5 * (m["micro_f1"] + m["macro_f1"]) if sel == "mean" else m[sel]
+
+            assert v == pytest.approx(score(f1_scores(predict_sets(probs, t, 1, cap), gold)))
+            brute = max(score(f1_scores(predict_sets(probs, tt, 1, cc), gold)) for cc in CAPS for tt in THRESHOLDS)
+            assert v == pytest.approx(brute)

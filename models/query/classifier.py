@@ -164,7 +164,8 @@ class QueryClassifier:
         res.history.append({"epoch": 0, select: best, "threshold": self.threshold})
         n = len(train)
         epoch = -1
-        for epoch in range(cfg.max_epochs):
+        loss = torch.tensor(float("nan"))
+        for epoch in range(cfg.max_epochs if n else 0):
             net.train()
             order = list(range(n))
             rng.shuffle(order)
@@ -253,14 +254,31 @@ def best_threshold(probs: np.ndarray, gold: Sequence[Sequence[int]], train_count
                    select: str) -> tuple[float, tuple[float, int | None]]:
     """The decision rule (threshold of :data:`THRESHOLDS` × cap of :data:`CAPS` labels per query,
     always at least one) that maximises ``select`` (``micro_f1``, ``macro_f1`` or ``mean``) on
-    ``gold``. Returns (metric, (threshold, cap))."""
+    ``gold``. Returns (metric, (threshold, cap)). Vectorised: it runs after every epoch."""
+    n, L = probs.shape
+    g = np.zeros((n, L), dtype=bool)
+    for i, ls in enumerate(gold):
+        for j in ls:
+            g[i, j] = True
+    support = g.sum(0) > 0
+    rank = np.empty((n, L), dtype=np.int64)
+    order = np.argsort(-probs, axis=1, kind="stable")
+    rank[np.arange(n)[:, None], order] = np.arange(L)[None, :]
     best: tuple[float, tuple[float, int | None]] = (-1.0, (0.5, None))
     for cap in CAPS:
+        within = rank < (cap if cap is not None else L)
         for t in THRESHOLDS:
-            m = f1_scores(predict_sets(probs, t, 1, cap), gold, train_counts)
-            v = 0.5 * (m["micro_f1"] + m["macro_f1"]) if select == "mean" else m[select]
+            pred = (((probs >= t) & within) | (rank == 0))
+            tp = (pred & g).sum(0)
+            fp = (pred & ~g).sum(0)
+            fn = (~pred & g).sum(0)
+            d = 2 * tp.sum() + fp.sum() + fn.sum()
+            micro = 2 * tp.sum() / d if d else 0.0
+            den = (2 * tp + fp + fn)[support]
+            macro = float(np.mean(np.where(den > 0, 2 * tp[support] / np.maximum(den, 1), 0.0))) if support.any() else 0.0
+            v = 0.5 * (micro + macro) if select == "mean" else (micro if select == "micro_f1" else macro)
             if v > best[0] + 1e-9:
-                best = (v, (t, cap))
+                best = (float(v), (t, cap))
             if cap == 1:
                 break  # with one label the threshold does not matter
     return best

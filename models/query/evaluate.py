@@ -55,7 +55,7 @@ class EvalConfig:
     hierarchy_sep: str | None = None
     encoder: EncoderSpec = field(default_factory=EncoderSpec)
     max_epochs: int = 60
-    patience: int = 10
+    patience: int = 8
     base_seed: int = 0
 
     def validate(self) -> None:
@@ -162,6 +162,9 @@ def evaluate(train: Table, test: Table, cfg: EvalConfig, features=None, val: Tab
         else:
             tr, va = train, val
         tr_d, va_d = to_data(tr, space), to_data(va, space)
+        if not any(tr_d.labels) or not any(va_d.labels):
+            raise ConfigError(f"too few labelled rows to train and validate ({len(tr)} train, {len(va)} validation); "
+                              "give more rows or a --val file")
         counts = label_counts(tr_d.labels, space.n_leaves)
         enc0 = build_encoder(cfg.encoder, features=features)
         zs.append(zero_shot(enc0, space, test_d))
