@@ -7,6 +7,10 @@ ad requests and click for a few minutes: the service logs what it served, the jo
 examples, the trainer publishes gated versions and the service hot-swaps them. The summary shows
 CTR over time, latency percentiles, the model versions served and the per-window AUC of DDP
 against fine-tuning; a PNG plot and a JSON summary are written. Everything started is stopped.
+
+The query classifier runs too (docs/query.md): its refresh agent and model worker publish
+versions the service loads; a few live queries are shown with their served categories, and a
+quarter into the traffic one query's clicks start going to a new category.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="examples per training window (default 1500)")
     p.add_argument("--out", metavar="DIR", help="where the plot and summary go (default .adstream/demo-report)")
     p.add_argument("--keep", action="store_true", help="keep the demo state (broker log, registry, logs)")
+    p.add_argument("--no-query", action="store_true",
+                   help="leave out the query classifier (refresh agent, model worker, watched queries)")
     p.set_defaults(func=_run)
 
 
@@ -150,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
             bootstrap = broker.bootstrap
             print(f"broker: {broker.kind} on {bootstrap} (started in {time.monotonic() - t0:.1f}s)")
         cfg = LoopConfig(world_seed=args.seed, history_s=args.history, traffic_s=args.traffic, rate=args.rate,
-                         join_window_s=args.window, window_examples=args.window_examples)
+                         join_window_s=args.window, window_examples=args.window_examples, query=not args.no_query)
         summary = run_loop(s, bootstrap, root, cfg, say=lambda m: print(m, flush=True))
         plot = plot_loop(summary, out_dir / "demo.png")
         out_json = out_dir / "summary.json"

@@ -51,7 +51,7 @@ class LoopConfig:
     bucket_s: float = 15.0
     keep_served: bool = False
     drain_timeout_s: float = 120.0
-    query: bool = True  # the query classifier's refresh agent and model worker, with a watch (query_demo)
+    query: bool = False  # the query classifier's refresh agent and model worker, a watch, a shift (query_demo)
 
 
 class WorkerFailed(RuntimeError):
@@ -233,17 +233,18 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
         _spawn(loop, "serve", [py, "-m", "adstream", "--bootstrap", bootstrap,
                                "serve", "--port", str(ports["serve"]), "--world-seed", str(cfg.world_seed),
                                "--registry-dir", str(registry_dir), "--repo-dir", str(repo_dir)])
-        if cfg.query:
-            from adstream import query_demo
-
-            query_demo.start_query_workers(loop, _spawn, py, bootstrap, root, registry_dir, ports)
-            watch = query_demo.QueryWatch(registry_dir, query_demo.watch_queries(world) + [query_demo.SIMILAR_QUERY])
-            shift = {"query": watch.queries[0], "done": False}
         url = f"http://127.0.0.1:{ports['serve']}"
         say(f"workers: joiner ({cfg.joiner_runtime} runtime), feature updater, trainer, service on {url}; "
             f"logs in {root / 'logs'}")
         ready = _wait_http(url + "/readyz", 120, loop, "the online service")
         say(f"service ready (model {ready.get('model_version', ready.get('model', '?'))})")
+        if cfg.query:  # started after the service: their start (torch, MiniLM) competes with it otherwise
+            from adstream import query_demo
+
+            query_demo.start_query_workers(loop, _spawn, py, bootstrap, root, registry_dir, ports)
+            watch = query_demo.QueryWatch(registry_dir, query_demo.watch_queries(world) + [query_demo.SIMILAR_QUERY])
+            shift = {"query": watch.queries[0], "done": False}
+            say("query classifier: refresh agent and model worker started")
         # give the trainer a moment to publish its first version from the history
         reg = ModelRegistry(registry_dir, settings.trainer.model_name)
         t_wait = time.monotonic()
@@ -260,11 +261,11 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
                     f"ctr={(d['ctr'] or 0):6.2%} expected={(d['expected_ctr'] or 0):6.2%} "
                     f"p50={d['latency_p50_ms'] or 0:6.1f}ms p99={d['latency_p99_ms'] or 0:6.1f}ms "
                     f"versions={d['model_versions']}")
-            if cfg.query:  # a few live queries and their served categories; halfway, a new category
+            if cfg.query:  # a few live queries and their served categories; a quarter in, a new category
                 line = watch.line(d["start_s"])
                 if line:
                     say(line)
-                if not shift["done"] and d["start_s"] >= cfg.traffic_s / 2:
+                if not shift["done"] and d["start_s"] >= cfg.traffic_s / 4:
                     n = query_demo.inject_shift(bootstrap, topics, shift["query"])
                     shift["done"] = True
                     say(f"  shift: {n} clicks of {shift['query']!r} now go to {query_demo.NEW_CATEGORY} (a new category)")

@@ -4,7 +4,7 @@
   the loop, on the loop's topics and registry;
 - :class:`QueryWatch`: a few live queries and the categories the served version predicts for them
   (the generic loader on the same registry as the service), printed with every traffic bucket;
-- :func:`inject_shift`: halfway through the traffic, one query's clicks start going to a category
+- :func:`inject_shift`: a quarter into the traffic, one query's clicks start going to a category
   the world never had (a new category starts getting clicks); the watch shows the served version
   following it, and a similar query that never got a click picking up the new category through its
   name and the semantic graph.
@@ -62,12 +62,12 @@ class QueryWatch:
     def __init__(self, registry_dir: Path, queries: list[str], name: str = "query-classifier") -> None:
         from online.query import query_loader
 
-        self.loader = query_loader(registry_dir, name, poll_s=1.0)
+        self.loader = query_loader(registry_dir, name, poll_s=1.0).start()  # loads off the traffic's thread
         self.queries = list(queries)
         self.history: list[dict[str, Any]] = []
 
     def line(self, t: float) -> str | None:
-        cur = self.loader.refresh()
+        cur = self.loader.current
         if cur is None:
             return None
         out = cur.predict(self.queries)

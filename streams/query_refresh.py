@@ -285,7 +285,7 @@ def query_model(settings: Settings, features=None):
                             encoder=EncoderSpec(kind=q.encoder, features=q.features).to_dict(),
                             threshold=q.threshold, max_labels=q.max_labels, finetune_every=q.finetune_every,
                             finetune_steps=q.finetune_steps, replay_size=q.replay_size, fresh_share=q.fresh_share,
-                            lr=q.lr, seed=q.seed)
+                            lr=q.lr, soft_labels=q.soft_labels, seed=q.seed)
     return QueryStreamModel(cfg, features=features)
 
 

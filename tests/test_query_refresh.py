@@ -159,7 +159,8 @@ def test_served_version_follows_a_moved_query(bootstrap, topic_names, tmp_path):
     cfg.write_text(yaml.safe_dump(json.loads(s.model_dump_json())))
     create_topics(bootstrap, topic_names.all(), 2)
     now = time.time()
-    w, recs = world_examples(900, start=now - 4000)
+    w, recs = world_examples(600, start=now - 4000)
+    hist_end = max(r["event_time"] for r in recs)
     gold = {q.text: q.category for q in w.queries}
     counts: dict[str, int] = {}
     for r in recs:
@@ -184,8 +185,14 @@ def test_served_version_follows_a_moved_query(bootstrap, topic_names, tmp_path):
         else:
             pytest.fail(f"no served version classifies {q!r} as {gold[q]} ({loader.last_error}); "
                         f"windows {windows(s)[-3:]}; log {(tmp_path / 'refresh.log').read_text()[-2000:]}")
+        # the worker has caught up with the history: from here on the delay is the refresh's own
+        while time.monotonic() < deadline + 150:
+            ws = windows(s)
+            if ws and ws[-1]["event_time_max"] >= hist_end - 120:
+                break
+            time.sleep(1.0)
         # the query's clicks move to another category (a new intent), traffic on other queries goes on
-        t0 = now - 4000 + 900
+        t0 = now - 4000 + 600
         _, more = world_examples(600, start=t0, seed=9)
         moved = []
         for i, r in enumerate(more):

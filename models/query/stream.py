@@ -64,7 +64,8 @@ class QueryStreamConfig:
     fresh_share: float = 0.5
     replay_size: int = 50_000  # queries kept in the buffer
     weight_cap: float = 50.0  # a query's sample weight is log1p(min(clicks, cap)): head queries do not drown the tail
-    lr: float = 3e-3
+    lr: float = 1e-3
+    soft_labels: bool = True  # targets = click share / the query's largest share (False: every label 1)
     seed: int = 0
     ssuf: dict[str, Any] = field(default_factory=dict)  # SSUFConfig overrides
 
@@ -220,7 +221,7 @@ class QueryStreamModel:
             batch += [self._rng.choice(allq) for _ in range(cfg.batch_size - n_fresh)]
             q_ids = clf.encoder.ids(batch)
             k_ids = clf._knowledge_ids([self.buffer[q]["knowledge"] for q in batch], len(batch), register=True)
-            y = dense_labels([clf.space.ids(self.buffer[q]["labels"]) for q in batch], clf.space.n_leaves)
+            y = self._targets(batch)
             w = torch.tensor([self._weight(self.buffer[q]) for q in batch])
             out = net(q_ids, k_ids)
             loss, _ = net.loss(out, y, w)
@@ -231,6 +232,22 @@ class QueryStreamModel:
         net.eval()
         self._opt_state = opt.state_dict()
         return loss_v
+
+    def _targets(self, batch: list[str]) -> torch.Tensor:
+        """Click labels as targets: 1 for hard labels, or (``soft_labels``) each label's click share
+        relative to the query's largest share, so the dominant category ranks first."""
+        clf = self.clf
+        if not self.config.soft_labels:
+            return dense_labels([clf.space.ids(self.buffer[q]["labels"]) for q in batch], clf.space.n_leaves)
+        y = torch.zeros(len(batch), clf.space.n_leaves)
+        for i, q in enumerate(batch):
+            ls = self.buffer[q]["labels"]
+            top = max(ls.values()) if ls else 0.0
+            for c, share in ls.items():
+                j = clf.space.index.get(c)
+                if j is not None and j < clf.space.n_leaves and top > 0:
+                    y[i, j] = min(1.0, share / top)
+        return y
 
     def score(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [(clean_query(r.get("query")), r.get("labels") or {}, float(r.get("clicks") or 0.0)) for r in records]
