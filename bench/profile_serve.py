@@ -1,0 +1,74 @@
+"""Where a request's CPU goes: ``AdService.handle`` in-process (no HTTP), 200 ads x 5 creatives, the
+Redis fast path, a trained CTR model (the setup of ``bench/bench_serve.py``): wall and CPU per request,
+then a cProfile of ``--requests`` requests.
+
+    PYTHONPATH=. .venv/bin/python bench/profile_serve.py [--requests 100] [--top 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import logging
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=100)
+    ap.add_argument("--top", type=int, default=25)
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    from bench.bench_serve import QUERY, NullSink, build_inventory, push_features, train_model
+    from core.settings import FeatureSettings, ServeSettings
+    from features.store import FeatureStoreClient
+    from online.app import create_app
+    from online.service import AdRequestData
+    from streams.broker import free_port
+
+    work = Path(tempfile.mkdtemp(prefix="profile-serve-"))
+    port = free_port()
+    rp = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                           "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        fs = FeatureStoreClient(FeatureSettings(repo_dir=work / "repo", online_store="redis",
+                                                redis_url=f"127.0.0.1:{port}"))
+        push_features(fs, time.time() - 3600)
+        train_model(work / "registry")
+        app = create_app(ServeSettings(model_poll_s=5.0), registry_root=work / "registry", feature_store=fs,
+                         sink=NullSink(), index=build_inventory(), keep_stage_log=1000)
+        svc = app.state.service
+        for _ in range(30):
+            svc.handle(AdRequestData("bu001", QUERY, 5))
+        t, c = time.perf_counter(), time.process_time()
+        for i in range(a.requests):
+            svc.handle(AdRequestData(f"bu{i % 100:03d}", QUERY, 5))
+        n = a.requests
+        print(f"per request: {(time.perf_counter() - t) / n * 1e3:.2f} ms wall, "
+              f"{(time.process_time() - c) / n * 1e3:.2f} ms CPU (all threads of this process)")
+        pr = cProfile.Profile()
+        pr.enable()
+        for i in range(a.requests):
+            svc.handle(AdRequestData(f"bu{i % 100:03d}", QUERY, 5))
+        pr.disable()
+        out = io.StringIO()
+        pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(a.top)
+        print(out.getvalue())
+        svc.close()
+    finally:
+        rp.terminate()
+        rp.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
