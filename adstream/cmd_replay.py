@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also emit the initial bidword inventory as bidword-change events")
     s.add_argument("--creative-content", action="store_true",
                    help="creatives carry content (layout, colour, ...) that drives clicks (docs/creative.md)")
+    s.add_argument("--lexicon", action="store_true",
+                   help="tail queries (synonyms, colloquial attributes, typos) and ad titles (docs/rewrite.md)")
 
     o = sub.add_parser("obd", parents=[common], help="Open Bandit Dataset sample (real, 2019)",
                        description="One impression per OBD row, plus a click when click=1.")
@@ -139,7 +141,7 @@ def build_source(args: argparse.Namespace) -> Any:
         return sources.synthetic_events(
             seed=args.seed, duration_s=args.duration, rps=args.rps, drift=args.drift, slots=args.slots,
             start_time=_start_time(args.start_time), initial_inventory=args.initial_inventory,
-            creative_content=getattr(args, "creative_content", False))
+            creative_content=getattr(args, "creative_content", False), lexicon=getattr(args, "lexicon", False))
     if args.source == "obd":
         return sources.obd_events(campaign=args.campaign, policies=sources.split_cols(args.policies),
                                   data_dir=args.data_dir, click_delay_s=args.click_delay)

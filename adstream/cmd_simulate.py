@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-conversions", action="store_true", help="produce clicks only")
     p.add_argument("--creative-content", action="store_true",
                    help="the world's creatives carry content (as `serve`/`replay synthetic --creative-content`)")
+    p.add_argument("--lexicon", action="store_true",
+                   help="the world has tail queries and ad titles (as `replay synthetic --lexicon`; docs/rewrite.md)")
     p.add_argument("--seed", type=int, default=0, help="traffic random seed (default 0)")
     p.add_argument("--max-wait", type=float, default=120.0, metavar="S",
                    help="after the requests, wait at most S seconds for clicks dated in the future, then send "
@@ -59,8 +61,11 @@ def _run(args: argparse.Namespace) -> int:
     bootstrap = resolve_bootstrap(s)
     from core.creatives import CreativeContentConfig
 
+    from core.lexicon import LexiconConfig
+
     world = World(WorldConfig(seed=args.world_seed,
-                              creative_content=CreativeContentConfig(enabled=args.creative_content)))
+                              creative_content=CreativeContentConfig(enabled=args.creative_content),
+                              lexicon=LexiconConfig(enabled=args.lexicon)))
 
     total = f"{args.requests} requests" if args.requests else f"{args.duration:g}s"
     delay = args.click_delay if args.click_delay is not None else world.config.click_delay_mean_s

@@ -43,6 +43,7 @@ from core.creatives import CONTENT_COLUMNS, CreativeContent, CreativeContentConf
 from core.domains import CrossDomainConfig, DomainEffects
 from core.images import BROKEN_KINDS, ImageConfig, ImageEffects, ImageSpec, Product
 from core.events import BidwordChange, Click, Conversion, CreativeChange, Event, Impression
+from core.lexicon import Concept, Lexicon, LexiconConfig, build_tail_queries, render_title
 
 if TYPE_CHECKING:  # pandas is imported lazily: the event path does not need it
     import pandas as pd
@@ -186,6 +187,7 @@ class WorldConfig:
     creative_content: CreativeContentConfig = field(default_factory=CreativeContentConfig)  # off by default
     cross_domain: CrossDomainConfig = field(default_factory=CrossDomainConfig)  # off by default
     images: ImageConfig = field(default_factory=ImageConfig)  # off by default
+    lexicon: LexiconConfig = field(default_factory=LexiconConfig)  # tail queries + ad titles; off by default
 
     def __post_init__(self) -> None:
         from core.errors import ConfigError
@@ -203,6 +205,7 @@ class WorldConfig:
         self.creative_content.validate()
         self.cross_domain.validate([d[0] for d in self.domains])
         self.images.validate()
+        self.lexicon.validate()
 
     def _any_drift(self) -> bool:
         d = self.drift
@@ -228,6 +231,7 @@ class Query:
     category: str  # gold leaf id
     index: int
     popularity: float
+    kind: str = "base"  # base | a tail kind of core.lexicon.TAIL_KINDS (lexicon on)
 
 
 @dataclass(frozen=True)
@@ -249,6 +253,7 @@ class Ad:
     quality: float
     index: int
     active_from: float  # event time it appears; -inf for the initial inventory
+    title: str = ""  # product title (lexicon on)
 
 
 @dataclass(frozen=True)
@@ -324,6 +329,7 @@ class World:
         rng = np.random.default_rng(cfg.seed)
         self._build_categories(rng)
         self._build_queries(rng)
+        self._build_tail_queries()
         self._build_bidwords(rng)
         self.ads: list[Ad] = []
         self.ad_by_id: dict[str, Ad] = {}
@@ -333,6 +339,7 @@ class World:
         self._build_creative_content()
         self._build_images()
         self._build_cross_domain()
+        self._build_titles()
         self._index_candidates()
         self._pos_bias_cache: dict[int, float] = {}
 
@@ -501,7 +508,8 @@ class World:
             self._segments.append(DriftSegment(
                 "new_ads", "ad", tuple(new_ids), float(times[0]), float(times[-1]), 0.0))
         if on and d.trending and d.trending_n_queries > 0:
-            pool = [q.index for q in self.queries if self.category_by_id[q.category].top_index >= d.stable_tops]
+            pool = [q.index for q in self.queries if self.category_by_id[q.category].top_index >= d.stable_tops
+                    and q.kind == "base"]
             # trending queries are rare ones that suddenly become popular
             pool.sort(key=lambda i: self.queries[i].popularity)
             pool = pool[: max(d.trending_n_queries, len(pool) // 2)]
@@ -573,6 +581,42 @@ class World:
         self._other_domains = [self._domain_names[i] for i in others]
         self._other_domain_cum = list(np.cumsum(shares / shares.sum()))
         self._xd_top_cum = self.domain_effects.top_cum(np.array([u.preference for u in self.users]))
+    def _build_tail_queries(self) -> None:
+        """Lexicon on: tail queries (colloquial synonyms, attribute surfaces, typos) with their gold
+        concepts, taking ``tail_share`` of the traffic; drawn from their own generator."""
+        lc = self.config.lexicon
+        self.lexicon: Lexicon | None = None
+        if not lc.enabled:
+            return
+        rng = np.random.default_rng([self.config.seed, lc.seed_stream])
+        lex = self.lexicon = Lexicon.build(self.categories, BRANDS)
+        for q in self.queries:
+            lex.concepts[q.text] = lex.parse(q.text)
+        tail = build_tail_queries(lex, self.categories, BRANDS, lc, rng, set(self.query_by_text))
+        base_pop = sum(q.popularity for q in self.queries)
+        weights = np.array([1.0 / (1 + i % max(1, lc.n_tail_per_leaf)) ** 0.5 for i in range(len(tail))])
+        if len(tail) and lc.tail_share > 0:
+            weights *= base_pop * lc.tail_share / (1.0 - lc.tail_share) / weights.sum()
+        for tq, pop in zip(tail, weights.tolist()):
+            tq.popularity = float(pop)
+            lex.concepts[tq.text] = Concept(tq.leaf, tq.attrs)
+            self.queries.append(Query(tq.text, tq.leaf, len(self.queries), float(pop), tq.kind))
+        lex.tail = tail
+        self.query_by_text = {q.text: q for q in self.queries}
+        self._query_tokens = [frozenset(q.text.split()) for q in self.queries]
+
+    def _build_titles(self) -> None:
+        """Lexicon on: a product title for every ad (initial and new ones)."""
+        lex = self.lexicon
+        if lex is None:
+            return
+        rng = np.random.default_rng([self.config.seed, self.config.lexicon.seed_stream, 1])
+        for i, ad in enumerate(self.ads):
+            leaf = self.category_by_id[ad.category]
+            title = render_title(rng, leaf, [w for w, _ in ad.bidwords], lex, BRANDS, self.config.lexicon, leaf.top)
+            self.ads[i] = replace(ad, title=title)
+            self.ad_by_id[ad.id] = self.ads[i]
+            lex.titles[ad.id] = title
 
     def _index_candidates(self) -> None:
         """Per query: candidate ads (bidword match, same leaf, same top) as arrays for ranking."""

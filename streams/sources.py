@@ -182,17 +182,23 @@ def synthetic_events(
     start_time: float | None = None,
     initial_inventory: bool = False,
     creative_content: bool = False,
+    lexicon: bool = False,
 ) -> Iterator[Event]:
     """The synthetic world's stream. ``drift``: ``all``, ``none`` or a comma list of
     ``abrupt,gradual,new_ads,trending``; drift times scale with ``duration_s``. ``start_time``
     (epoch seconds) moves the world's epoch, so drift stays relative to the start.
-    ``creative_content``: creatives carry content that drives clicks (``core.creatives``)."""
+    ``creative_content``: creatives carry content that drives clicks (``core.creatives``);
+    ``lexicon``: tail queries (synonyms, colloquial attributes, typos) and ad titles (``core.lexicon``)."""
     from core.creatives import CreativeContentConfig
     from core.world import DriftConfig, World, WorldConfig
 
     cfg_kw: dict[str, Any] = {"seed": seed, "drift": DriftConfig.parse(drift, horizon_s=duration_s)}
     if creative_content:
         cfg_kw["creative_content"] = CreativeContentConfig(enabled=True)
+    if lexicon:
+        from core.lexicon import LexiconConfig
+
+        cfg_kw["lexicon"] = LexiconConfig(enabled=True)
     if start_time is not None:
         cfg_kw["epoch"] = float(start_time)
     world = World(WorldConfig(**cfg_kw))
