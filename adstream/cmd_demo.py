@@ -46,6 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", action="store_true", help="keep the demo state (broker log, registry, logs)")
     p.add_argument("--no-query", action="store_true",
                    help="leave out the query classifier (refresh agent, model worker, watched queries)")
+    p.add_argument("--no-rewrite", action="store_true",
+                   help="without the MoBGM rewriter and GRAM (and the world's tail queries); docs/rewrite.md")
     p.set_defaults(func=_run)
 
 
@@ -116,6 +118,18 @@ def _print_summary(summary: dict, wall: float, plot: Path | None, out_json: Path
 
         for line in summary_lines(q):
             print(line)
+    rw = summary.get("rewrite")
+    if rw:
+        print(f"rewriter / GRAM       : versions {rw.get('versions')} (waited {rw.get('waited_s')}s after the traffic)")
+        for q in rw.get("queries", []):
+            if "error" in q:
+                print(f"  {q['query']!r}: {q['error']}")
+                continue
+            ads = ", ".join(f"{a['ad_id']} via {a['source']}"
+                            + (f" '{a['bidword']}'" if a["source"] in ("rewriter", "index") else "")
+                            + (f" [{a['code']}]" if a.get("code") else "") for a in q["ads"]) or "no ads"
+            print(f"  {q['kind']:>15} {q['query']!r} (gold {q['gold']}): {ads}"
+                  + (f"  degraded {q['degraded']}" if q.get("degraded") else ""))
     print(f"wall time             : {wall:.0f}s")
     if plot:
         print(f"plot                  : {plot}")
@@ -156,7 +170,8 @@ def _run(args: argparse.Namespace) -> int:
             bootstrap = broker.bootstrap
             print(f"broker: {broker.kind} on {bootstrap} (started in {time.monotonic() - t0:.1f}s)")
         cfg = LoopConfig(world_seed=args.seed, history_s=args.history, traffic_s=args.traffic, rate=args.rate,
-                         join_window_s=args.window, window_examples=args.window_examples, query=not args.no_query)
+                         join_window_s=args.window, window_examples=args.window_examples, query=not args.no_query,
+                         rewrite=not args.no_rewrite)
         summary = run_loop(s, bootstrap, root, cfg, say=lambda m: print(m, flush=True))
         plot = plot_loop(summary, out_dir / "demo.png")
         out_json = out_dir / "summary.json"

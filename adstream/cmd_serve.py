@@ -50,6 +50,11 @@ def register(subparsers) -> None:
     p.add_argument("--sequential", action="store_true", help="rank creatives after ads instead of in parallel")
     p.add_argument("--creative-content", action="store_true",
                    help="the --world-seed world's creatives carry content (the catalog gives CR+ its cr_* inputs)")
+    p.add_argument("--lexicon", action="store_true",
+                   help="the --world-seed world has tail queries and ad titles (docs/rewrite.md)")
+    p.add_argument("--rewrite-model", metavar="NAME", help="serve the MoBGM rewriter of this registry name "
+                   "(serve.rewrite_model; e.g. rewriter)")
+    p.add_argument("--gram-model", metavar="NAME", help="serve GRAM of this registry name (serve.gram_model; e.g. gram)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -149,6 +154,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         upd["registry_dir"] = args.registry_dir
     if args.sequential:
         upd["parallel_ranking"] = False
+    if args.rewrite_model is not None:
+        upd["rewrite_model"] = args.rewrite_model
+    if args.gram_model is not None:
+        upd["gram_model"] = args.gram_model
+    if args.lexicon and args.world_seed is not None and not s.serve.rewrite_catalog:
+        upd["rewrite_catalog"] = f"world:{args.world_seed}"  # titles for GRAM to index new ads by
     if upd:
         s = s.model_copy(update={"serve": s.serve.model_copy(update=upd)})
     if not 0 <= s.serve.port <= 65535:
@@ -158,8 +169,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from core.creatives import CreativeContentConfig
         from core.world import World, WorldConfig
 
+        from core.lexicon import LexiconConfig
+
         world = World(WorldConfig(seed=args.world_seed,
-                                  creative_content=CreativeContentConfig(enabled=args.creative_content)))
+                                  creative_content=CreativeContentConfig(enabled=args.creative_content),
+                                  lexicon=LexiconConfig(enabled=args.lexicon)))
     bootstrap = None
     if not args.no_kafka:
         from streams.broker import resolve_bootstrap

@@ -52,6 +52,9 @@ class LoopConfig:
     keep_served: bool = False
     drain_timeout_s: float = 120.0
     query: bool = False  # the query classifier's refresh agent and model worker, a watch, a shift (query_demo)
+    rewrite: bool = False  # the MoBGM rewriter and GRAM (world with tail queries; `adstream demo` turns it on)
+    rewrite_window_examples: int = 3000
+    rewrite_wait_s: float = 300.0  # after the traffic, wait this long at most for their first versions
 
 
 class WorkerFailed(RuntimeError):
@@ -204,7 +207,9 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
     py = sys.executable
     registry_dir, repo_dir = root / "registry", root / "feature_repo"
 
-    world = World(WorldConfig(seed=cfg.world_seed))
+    from core.lexicon import LexiconConfig
+
+    world = World(WorldConfig(seed=cfg.world_seed, lexicon=LexiconConfig(enabled=cfg.rewrite)))
     start = time.time() - cfg.history_s - 2 * cfg.join_window_s
     # clicks and conversions of the last history requests would lie in the future: such events push
     # the watermark past the traffic that follows (and beyond the clock-skew limit they are refused)
@@ -217,7 +222,8 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
 
     summary: dict[str, Any] = {"history": res["counts"]}
     try:
-        ports = {n: free_port() for n in ("joiner", "features", "trainer", "serve", "query_refresh", "query_trainer")}
+        ports = {n: free_port() for n in ("joiner", "features", "trainer", "serve", "query_refresh", "query_trainer",
+                                          "rewrite")}
         _spawn(loop, "joiner", [py, "-m", "streams.joiner", "--bootstrap", bootstrap,
                                 "--window", str(cfg.join_window_s), "--lateness", str(cfg.lateness_s),
                                 "--runtime", cfg.joiner_runtime, "--metrics-port", str(ports["joiner"])])
@@ -230,14 +236,24 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
         if cfg.compare:
             trainer_cmd += ["--compare", cfg.compare]
         _spawn(loop, "trainer", trainer_cmd)
-        _spawn(loop, "serve", [py, "-m", "adstream", "--bootstrap", bootstrap,
-                               "serve", "--port", str(ports["serve"]), "--world-seed", str(cfg.world_seed),
-                               "--registry-dir", str(registry_dir), "--repo-dir", str(repo_dir)])
+        serve_cmd = [py, "-m", "adstream", "--bootstrap", bootstrap,
+                     "serve", "--port", str(ports["serve"]), "--world-seed", str(cfg.world_seed),
+                     "--registry-dir", str(registry_dir), "--repo-dir", str(repo_dir)]
+        if cfg.rewrite:
+            serve_cmd += ["--lexicon", "--rewrite-model", "rewriter", "--gram-model", "gram"]
+        _spawn(loop, "serve", serve_cmd)
         url = f"http://127.0.0.1:{ports['serve']}"
         say(f"workers: joiner ({cfg.joiner_runtime} runtime), feature updater, trainer, service on {url}; "
             f"logs in {root / 'logs'}")
         ready = _wait_http(url + "/readyz", 120, loop, "the online service")
         say(f"service ready (model {ready.get('model_version', ready.get('model', '?'))})")
+        if cfg.rewrite:  # after the service, like the query workers: their start competes with it otherwise
+            _spawn(loop, "rewrite_trainer", [
+                py, "-m", "streams.rewrite_trainer", "--bootstrap", bootstrap, "--registry", str(registry_dir),
+                "--checkpoint-dir", str(root / "rewrite_trainer"), "--catalog", f"world:{cfg.world_seed}",
+                "--window-examples", str(cfg.rewrite_window_examples), "--min-bootstrap-clicks", "100",
+                "--epochs-scale", "0.3", "--metrics-port", str(ports["rewrite"])])
+            say("rewriter and GRAM: their stream job started (they bootstrap from the history)")
         if cfg.query:  # started after the service: their start (torch, MiniLM) competes with it otherwise
             from adstream import query_demo
 
@@ -281,6 +297,8 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
         summary["traffic_started_at"] = traffic_t0
         if cfg.keep_served:
             summary["served"] = report.served
+        if cfg.rewrite:
+            summary["rewrite"] = probe_rewrites(url, world, registry_dir, cfg.rewrite_wait_s, loop, say)
         summary["metrics"] = {"serve": scrape(ports["serve"], "/metrics"), "joiner": scrape(ports["joiner"])}
         # drain: impressions of the last requests close their windows once event time moves on;
         # a joiner with idle flush closes what is left
@@ -326,14 +344,57 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
                                 "metrics": {"refresh": scrape(ports["query_refresh"]),
                                             "trainer": scrape(ports["query_trainer"])}}
             loop.stop(["query_refresh", "query_trainer"])
-        loop.stop(["trainer", "feature_updater", "joiner_drain"])
+        loop.stop(["trainer", "feature_updater", "joiner_drain", *(["rewrite_trainer"] if cfg.rewrite else [])])
         summary["windows"] = read_windows(root / "trainer" / "windows.jsonl")
+        if cfg.rewrite:
+            summary.setdefault("rewrite", {})["windows"] = read_windows(root / "rewrite_trainer" / "windows.jsonl")
         summary["registry"] = {"latest": reg.latest(), "published": reg.versions(),
                                "rejected": reg.versions(rejected=True),
                                "published_meta": {v: reg.info(v).meta for v in reg.versions()}}
         return summary
     finally:
         loop.stop()
+
+
+def probe_rewrites(url: str, world, registry_dir: Path, wait_s: float, loop: Loop,
+                   say: Callable[[str], None]) -> dict[str, Any]:
+    """Wait (at most ``wait_s``) for the rewriter's and GRAM's first versions to be served, then ask
+    the service for ads for one tail query of each kind and report where each ad came from."""
+    import urllib.request
+
+    from models.registry import ModelRegistry
+
+    regs = {n: ModelRegistry(registry_dir, n) for n in ("rewriter", "gram")}
+    t0 = time.monotonic()
+    say(f"waiting up to {wait_s:.0f}s for the rewriter and GRAM to publish (they learn from the history)")
+    while time.monotonic() - t0 < wait_s and not all(r.latest() for r in regs.values()):
+        loop.check()
+        time.sleep(2)
+    out: dict[str, Any] = {"versions": {n: r.latest() for n, r in regs.items()},
+                           "waited_s": round(time.monotonic() - t0, 1), "queries": []}
+    if not any(out["versions"].values()):
+        say("rewriter and GRAM: no version yet (the index rewriter served alone)")
+        return out
+    time.sleep(3)  # the service polls the registry every second
+    lex = world.lexicon
+    picks, kinds = [], set()
+    for t in lex.tail:
+        if t.kind not in kinds:
+            kinds.add(t.kind)
+            picks.append(t)
+    for t in picks:
+        body = json.dumps({"user_id": "u00001", "query": t.text, "slots": 4}).encode()
+        req = urllib.request.Request(url + "/v1/ads", body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                resp = json.loads(r.read())
+        except Exception as e:  # noqa: BLE001
+            out["queries"].append({"query": t.text, "error": str(e)})
+            continue
+        out["queries"].append({"query": t.text, "kind": t.kind, "gold": t.leaf, "degraded": resp.get("degraded"),
+                               "ads": [{k: a.get(k) for k in ("ad_id", "bidword", "category", "source", "code")}
+                                       for a in resp.get("ads", [])]})
+    return out
 
 
 def plot_loop(summary: dict[str, Any], path: Path) -> Path | None:

@@ -227,6 +227,35 @@ class QuerySettings(BaseModel):
     cache_size: int = Field(10_000, ge=0)  # head queries whose categories the service keeps per version
 
 
+class RewriteTrainSettings(BaseModel):
+    """The rewrite job (``adstream train-rewrite``: MoBGM ``rewriter`` and GRAM ``gram`` refreshed from
+    the examples topic, each published under its own registry name); owned by
+    streams/rewrite_trainer.py (docs/rewrite.md)."""
+
+    registry_dir: Path = Path(".adstream/registry")
+    checkpoint_dir: Path = Path(".adstream/rewrite_trainer")
+    rewriter_name: str = "rewriter"  # serve it with serve.rewrite_model
+    gram_name: str = "gram"  # serve it with serve.gram_model; "" = no GRAM part
+    # ad titles and categories (post-pre-training pairs, GRAM's item codes): "world:SEED" (the
+    # synthetic world with the lexicon on), a CSV/TSV/Parquet file with ad_id, title[, category], or ""
+    catalog: str = ""
+    window_examples: int = Field(20000, ge=1)
+    window_seconds: float | None = Field(None, gt=0)
+    min_window: int = Field(200, ge=1)
+    min_bootstrap_clicks: int = Field(200, ge=1)  # clicks the first model is trained from
+    sft_epochs: int = Field(2, ge=1)  # per window (new click pairs + replay)
+    dpo_every: int = Field(3, ge=0)  # windows between DPO rounds (0 = only the bootstrap round)
+    epochs_scale: float = Field(1.0, gt=0)  # scales the bootstrap's epochs (quick demos and tests)
+    gate_click_hit_margin: float = Field(0.02, ge=0)
+    gate_click_recall_margin: float = Field(0.02, ge=0)
+    joint: str = Field("each", pattern="^(all|each)$")
+    on_reject: str = Field("reset", pattern="^(reset|continue)$")
+    max_windows: int | None = Field(None, ge=1)
+    idle_exit_s: float | None = Field(None, gt=0)
+    threads: int = Field(1, ge=1)
+    seed: int = 0
+
+
 class ServeSettings(BaseModel):
     """The online service (``adstream serve``); owned by online/."""
 
@@ -258,6 +287,17 @@ class ServeSettings(BaseModel):
     # mean is the ranker's score) | ucb (posterior mean + creative_ucb_z posterior standard deviations)
     creative_exploration: str = Field("off", pattern="^(off|thompson|ucb)$")
     creative_ucb_z: float = Field(1.0, ge=0)
+    # query rewriting (docs/rewrite.md): registry names of the MoBGM rewriter and of GRAM ("" = off);
+    # each runs within rewrite_budget_ms, else the index rewriter alone serves (named in ``degraded``)
+    rewrite_model: str = ""
+    gram_model: str = ""
+    rewrite_budget_ms: float = Field(15.0, gt=0)
+    rewrite_cache_size: int = Field(10_000, ge=0)  # head queries -> generated bidwords / GRAM ads
+    rewrite_cache_ttl_s: float = Field(300.0, gt=0)
+    rewrite_k: int = Field(3, ge=1)  # generated bidwords per query
+    rewrite_rerank: bool = True  # the final re-rank by the discriminator's combined score
+    gram_k: int = Field(30, ge=1)  # GRAM candidates per query
+    rewrite_catalog: str = ""  # ad titles for GRAM to index new ads by (as rewrite.catalog)
     # creative statistics: "request" = read with every request (one batched read with the ads);
     # "cache" = kept in memory, refreshed every creative_cache_refresh_s (the request reads only ads)
     creative_features: str = Field("cache", pattern="^(request|cache)$")
@@ -348,6 +388,7 @@ class MetricsSettings(BaseModel):
     feature_updater_port: int = 9102
     trainer_port: int = 9103
     creative_trainer_port: int = 9106
+    rewrite_trainer_port: int = 9107
     serve_port: int = 8080
     query_refresh_port: int = 9104
     query_trainer_port: int = 9105
@@ -365,6 +406,7 @@ class Settings(BaseSettings):
     trainer: TrainerSettings = TrainerSettings()
     creative: CreativeSettings = CreativeSettings()
     query: QuerySettings = QuerySettings()
+    rewrite: RewriteTrainSettings = RewriteTrainSettings()
     serve: ServeSettings = ServeSettings()
     crossdomain: CrossDomainSettings = CrossDomainSettings()
     creatives: CreativeImageSettings = CreativeImageSettings()

@@ -100,6 +100,9 @@ class AdItem(BaseModel):
     pctr: float
     ecpm: float = Field(description="pCTR x bid (ranking score)")
     position: int = Field(description="0-based position on the page")
+    source: str = Field("index", description="retrieval source: index (literal bidword match), rewriter "
+                        "(a generated bidword), gram (generative retrieval), category (the predicted category)")
+    code: str | None = Field(None, description="GRAM: the shared code the ad was retrieved by")
 
 
 class AdResponse(BaseModel):
@@ -107,7 +110,7 @@ class AdResponse(BaseModel):
     ads: list[AdItem]
     model_versions: dict[str, str]
     degraded: list[str] = Field(description="components served from defaults: features, ctr_model, "
-                                            "query_understanding, impression_log")
+                                            "query_understanding, impression_log, rewriter, gram, ...")
 
 
 class AdminResult(BaseModel):
@@ -207,21 +210,31 @@ def create_app(
         qloader._on_swap = lambda old, new: metrics.model_swaps.labels(qloader.name).inc()
         kw["classifier"] = ModelQueryClassifier(qloader, CountsClassifier(index), settings.query_cache_size,
                                                 settings.query_classifier)
+    if (settings.rewrite_model or settings.gram_model) and "rewrite_stage" not in kw:  # docs/rewrite.md
+        from online.rewrite import build_rewrite_stage
+
+        kw["rewrite_stage"] = build_rewrite_stage(settings, index, registry_root or settings.registry_dir)
+    rewrite_stage = kw.get("rewrite_stage")
+    rewrite_loaders = rewrite_stage.loaders() if rewrite_stage is not None else []
     service = AdService(settings, index=index, feature_store=feature_store, loader=loader, sink=sink,
                         impressions_topic=impressions_topic, metrics=metrics, keep_stage_log=keep_stage_log, **kw)
     loaders = [x for x in (loader, creative_loader, qloader) if x is not None]
     if start_loader:
-        for ldr in loaders:
+        for ldr in (*loaders, *rewrite_loaders):
             ldr.refresh()  # a model that exists now is served from the first request
             ldr.start()
+        if rewrite_stage is not None:
+            rewrite_stage.start()
 
     closed = threading.Event()
 
     def close() -> None:
         if not closed.is_set():
             closed.set()
-            for ldr in loaders:
+            for ldr in (*loaders, *rewrite_loaders):
                 ldr.stop()
+            if rewrite_stage is not None:
+                rewrite_stage.stop()
             service.close()
 
     from contextlib import asynccontextmanager

@@ -25,7 +25,9 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from core.events import BidwordChange
 
-MATCH_ORDER = {"exact": 0, "broad": 1, "category": 2, "related": 3}
+# match types, best first: literal bidword matches, a generated bidword (the rewriter), a GRAM
+# candidate (generative retrieval), the predicted category, its top category
+MATCH_ORDER = {"exact": 0, "broad": 1, "rewrite": 2, "gram": 3, "category": 4, "related": 5}
 
 
 def tokens(text: str) -> frozenset[str]:
@@ -45,6 +47,7 @@ class Candidate:
     match: str
     creatives: tuple[str, ...]
     advertiser: str = ""
+    code: str = ""  # GRAM: the code the candidate was retrieved by
 
 
 @dataclass(slots=True)
@@ -71,6 +74,34 @@ class AdIndex:
         self._default_creatives = default_creatives
         self.changes_applied = 0
         self.version = 0
+        # called (under the index lock, so keep them short) when a bidword becomes live or stops being
+        # live (word, live: bool), and when an ad becomes live or stops being live (ad id, category, live)
+        self._word_listeners: list = []
+        self._ad_listeners: list = []
+
+    def add_listener(self, on_word=None, on_ad=None) -> None:
+        """Be told of every bidword (``on_word(word, live)``) and ad (``on_ad(ad_id, category, live)``)
+        that appears in or leaves the live inventory, in the applying thread, the moment it happens."""
+        with self._lock:
+            if on_word is not None:
+                self._word_listeners.append(on_word)
+            if on_ad is not None:
+                self._ad_listeners.append(on_ad)
+
+    def remove_listener(self, fn) -> None:
+        with self._lock:
+            for lst in (self._word_listeners, self._ad_listeners):
+                if fn in lst:
+                    lst.remove(fn)
+
+    def _tell(self, listeners, *args) -> None:
+        for fn in list(listeners):
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - a listener must not break the inventory feed
+                import logging
+
+                logging.getLogger(__name__).exception("inventory listener failed")
 
     # ---- writes -------------------------------------------------------------------------------
     def set_catalog(self, ad_id: str, creatives: Iterable[str], advertiser: str = "",
@@ -147,12 +178,15 @@ class AdIndex:
                 del self._word_ads[word]
                 for t in self._word_tokens.pop(word, ()):
                     self._token_words[t].discard(word)
+                self._tell(self._word_listeners, word, False)
             if not ad.bidwords:  # no bidword left: the ad is no longer live
                 del self._ads[c.ad_id]
                 self._by_category[ad.category].discard(c.ad_id)
                 self._by_top[top_of(ad.category)].discard(c.ad_id)
+                self._tell(self._ad_listeners, c.ad_id, ad.category, False)
             return
         ad = self._ads.get(c.ad_id)
+        new_ad = ad is None
         if ad is None:
             crs, adv, cat = self._catalog.get(c.ad_id, ((), "", ""))
             ad = self._ads[c.ad_id] = _Ad(category=c.category or cat,
@@ -165,7 +199,12 @@ class AdIndex:
         self._by_category[ad.category].add(c.ad_id)
         self._by_top[top_of(ad.category)].add(c.ad_id)
         ad.bidwords[word] = float(c.bid)
+        new_word = word not in self._word_ads
         self._word_ads[word][c.ad_id] = float(c.bid)
+        if new_word:
+            self._tell(self._word_listeners, word, True)
+        if new_ad:
+            self._tell(self._ad_listeners, c.ad_id, ad.category, True)
         if word not in self._word_tokens:
             wt = tokens(word)
             self._word_tokens[word] = wt
@@ -179,6 +218,17 @@ class AdIndex:
     def creative_content(self, creative_id: str) -> dict:
         """The content features of a creative ({} when unknown). Read without the lock: one dict get."""
         return self._content.get(creative_id) or {}
+
+    def is_live(self, word: str) -> bool:
+        """Is ``word`` a bidword of a live ad right now? (no lock: one dict lookup)"""
+        return word in self._word_ads
+
+    def has_ad(self, ad_id: str) -> bool:
+        return ad_id in self._ads
+
+    def live_bidwords(self) -> list[str]:
+        with self._lock:
+            return sorted(self._word_ads)
 
     def live_creatives(self) -> list[str]:
         with self._lock:
@@ -208,12 +258,14 @@ class AdIndex:
         return counts
 
     def candidates(self, matched: list[tuple[str, str]], category: str | Sequence[str] | None,
-                   limit: int = 200) -> list[Candidate]:
-        """Candidate ads: bidword matches first (exact, then broad; the highest bid per ad), then
-        the predicted leaf category (or categories, best first), then their top categories; at
-        most ``limit``, best first."""
+                   limit: int = 200, extra: list[tuple[str, str]] | None = None) -> list[Candidate]:
+        """Candidate ads: bidword matches first (exact, then broad, then bidwords the rewriter
+        generated; the highest bid per ad), then ``extra`` ads (GRAM's ``(ad id, code)``, live ones
+        only, at the ad's highest bid), then the predicted leaf category (or categories, best first),
+        then their top categories; each ad once (its best source), at most ``limit``, best first."""
         cats = ([category] if category else []) if isinstance(category, str) else [c for c in (category or ()) if c]
         best: dict[str, tuple[int, float, str, str]] = {}
+        codes: dict[str, str] = {}
         with self._lock:
             for w, m in matched:
                 rank = MATCH_ORDER[m]
@@ -221,6 +273,13 @@ class AdIndex:
                     cur = best.get(ad_id)
                     if cur is None or (rank, -bid) < (cur[0], -cur[1]):
                         best[ad_id] = (rank, bid, w, m)
+            for ad_id, code in extra or ():
+                ad = self._ads.get(ad_id)
+                if ad is None or ad_id in best or not ad.bidwords:
+                    continue
+                w, bid = max(ad.bidwords.items(), key=lambda kv: (kv[1], kv[0]))
+                best[ad_id] = (MATCH_ORDER["gram"], bid, w, "gram")
+                codes[ad_id] = code
             pools = [("category", self._by_category.get(c, ())) for c in cats]
             pools += [("related", self._by_top.get(t, ())) for t in dict.fromkeys(top_of(c) for c in cats)]
             if pools:
@@ -235,7 +294,7 @@ class AdIndex:
                         best[ad_id] = (MATCH_ORDER[m], bid, w, m)
             ranked = sorted(best.items(), key=lambda kv: (kv[1][0], -kv[1][1], kv[0]))[:limit]
             return [Candidate(ad_id, w, bid, self._ads[ad_id].category, m, self._ads[ad_id].creatives,
-                              self._ads[ad_id].advertiser)
+                              self._ads[ad_id].advertiser, codes.get(ad_id, ""))
                     for ad_id, (_r, bid, w, m) in ranked]
 
 

@@ -39,6 +39,9 @@ from online.models import BetaCreativeRanker, LoadedModel, ModelLoader, predict_
 
 log = logging.getLogger(__name__)
 
+# candidate match type -> retrieval source logged in the impression's features["source"]
+SOURCES = {"exact": "index", "broad": "index", "rewrite": "rewriter", "gram": "gram", "category": "category",
+           "related": "category"}
 TOP_SLOTS = 2  # positions < TOP_SLOTS are slot "top", the rest "side" (as in the synthetic world)
 ENTITY_STATS = ("impressions", "clicks")
 
@@ -192,6 +195,7 @@ class AdService:
         rewriter: QueryRewriter | None = None,
         creative_ranker: BetaCreativeRanker | None = None,
         creative_loader: ModelLoader | None = None,
+        rewrite_stage: Any = None,
         clock: Callable[[], float] = time.time,
         keep_stage_log: int = 0,
         catalogue: Any = None,
@@ -207,6 +211,7 @@ class AdService:
         self.metrics = metrics or ServeMetrics()
         self.classifier = classifier or CountsClassifier(index)
         self.rewriter = rewriter or IndexRewriter(index)
+        self.rewrite_stage = rewrite_stage  # online.rewrite.RewriteStage: generated bidwords + GRAM candidates
         self.creative_ranker = creative_ranker or BetaCreativeRanker(settings.creative_prior_strength,
                                                                      settings.default_ctr)
         self.creative = CreativeStage(settings, index, self.creative_ranker, creative_loader)
@@ -265,6 +270,9 @@ class AdService:
         """The flat feature dict the ad ranker sees and the impression carries."""
         f = dict(base)
         f["match"] = cand.match
+        f["source"] = SOURCES.get(cand.match, cand.match)  # which retrieval source brought the candidate
+        if cand.code:
+            f["gram_code"] = cand.code
         f["top_category"] = cand.category.split("/", 1)[0] if cand.category else ""
         f["n_creatives"] = len(cand.creatives)
         if cand.advertiser:
@@ -339,8 +347,13 @@ class AdService:
         if event_time is None:
             event_time = self.clock()
 
-        # 1. query understanding (the served query classifier, else counts: `query_understanding`)
-        matched = self.rewriter.rewrite(req.query)
+        # 1. query understanding: the rewrite stage (index + generated bidwords + GRAM, each within its
+        #    budget) or the index rewriter; then the served query classifier, else counts
+        if self.rewrite_stage is not None:
+            matched, extra = self.rewrite_stage.run(req.query, degraded)
+            stages["rewrite"] = time.perf_counter() - t0
+        else:
+            matched, extra = self.rewriter.rewrite(req.query), []
         categories: list[str] = []
         query_version = None
         try:
@@ -358,9 +371,9 @@ class AdService:
         category = categories[0] if categories else None
         t1 = time.perf_counter(); stages["query"] = t1 - t0  # noqa: E702
 
-        # 2. candidates (bidword matches, then the predicted categories)
+        # 2. candidates (bidword matches, generated bidwords, GRAM's ads, then the predicted categories)
         cands = self.index.candidates(matched, categories[: self.settings.query_categories] or None,
-                                      self.settings.max_candidates)
+                                      self.settings.max_candidates, extra)
         if self.catalogue is not None and cands:  # creatives the gate forbids: held back before any ranker
             cands, held = self.catalogue.filter(cands)
             if held:
@@ -466,7 +479,8 @@ class AdService:
             pctr = ranked.pctr[j]
             ads_out.append({"ad_id": c.ad_id, "creative_id": creative_id, "bidword": c.bidword,
                             "category": c.category, "bid": c.bid, "pctr": pctr, "ecpm": pctr * c.bid,
-                            "position": position})
+                            "position": position, "source": SOURCES.get(c.match, c.match),
+                            **({"code": c.code} if c.code else {})})
             served = self._entity_features("creative", cr_rows[j][cr_i] if cr_rows[j] else None,
                                            dict(ad_features[j]))
             served["pctr"] = pctr
