@@ -92,7 +92,7 @@ def run(backbone: str, reps: int, steps: int) -> dict:
 
     def ours(inp):
         inp.labels = torch.bernoulli(click_prob(inp))
-        return learner._step(inp, None)
+        return learner._step(inp, None, 0.0)  # no teacher: no previous logits, no prior weight
 
     plain = PlainNet(backbone)
     opt = torch.optim.Adagrad(plain.parameters(), lr=0.01)
