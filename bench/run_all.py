@@ -70,8 +70,8 @@ def rows_ingest(r: dict) -> list[dict]:
     f = _g(r, "joiner_events_per_s", "faust")
     out = [row("joiner, kafka runtime (events/s)", k, raw, "raw confluent-kafka consume of the same inputs",
                ">= 50k ev/s and >= 0.3 x raw", None if k is None else (k >= 50_000 and k >= 0.3 * raw), "ev/s",
-               "per-record join state (dict + list per impression) and example encoding in Python; "
-               "profile in docs/speed.md")]
+               "per-record join bookkeeping (a dict and a heap entry per impression) and one JSON encode "
+               "per example, in Python (bench/profile_ingest.py; docs/speed.md)")]
     if f is not None:
         out.append(row("joiner, faust runtime (events/s)", f, k, "kafka runtime, same backlog", ">= 10k ev/s",
                        f >= 10_000, "ev/s", "faust agent machinery per record (see docs/speed.md)"))
@@ -87,13 +87,14 @@ def rows_freshness(r: dict) -> list[dict]:
         base = _g(feast, "freshness_worker", "p99_s") if feast else None
         out.append(row(f"feature freshness p99 at {r.get('rate_target'):g} ev/s (s)", p99, base,
                        "same updater through Feast's Redis provider", "<= 1 s", None if p99 is None else p99 <= 1.0,
-                       "s", "one updater process folds below the offered rate; see the throughput row",
+                       "s", "one updater process drains below the offered rate on this machine (see the drain row)",
                        higher_is_better=False))
         tp = _g(fast, "throughput", "events_per_s")
         tpb = _g(feast, "throughput", "events_per_s") if feast else None
         out.append(row("feature updater drain (events/s, 1 process)", tp, tpb,
                        "same updater through Feast's Redis provider", ">= 20k ev/s", None if tp is None else tp >= 20_000,
-                       "ev/s", "per-event fold in Python (features/aggregates.py) and decode; profile in docs/speed.md"))
+                       "ev/s", "after the batch fold: per-key row gather/scatter in Python, then decode "
+                       "(bench/profile_ingest.py; docs/speed.md)"))
     return out
 
 
@@ -102,7 +103,7 @@ def rows_read(r: dict) -> list[dict]:
     feast = _g(r, "latency_ms", "redis-feast", "user+ad", "p99")
     return [row("feature read, 1 user + 200 ads, p99 (ms)", fast, feast, "Feast's online_read on the same Redis",
                 "<= 2 ms", None if fast is None else fast <= 2.0, "ms",
-                "client-side decode of 200 rows in Python; machine load (see p50)", higher_is_better=False)]
+                "machine load (p50 in the JSON); the client builds a dict per row in Python", higher_is_better=False)]
 
 
 def rows_trainer(r: dict) -> list[dict]:
@@ -110,7 +111,8 @@ def rows_trainer(r: dict) -> list[dict]:
     ours, raw = tp.get("trainer_examples_per_s"), tp.get("raw_consume_examples_per_s")
     out = [row("trainer from the topic, end to end (examples/s)", ours, raw, "raw confluent-kafka consume",
                ">= 100k ex/s", None if ours is None else ours >= 100_000, "ex/s",
-               "gate scoring + training per window dominate (train_seconds in the JSON); see docs/speed.md"),
+               "training and gate scoring per window (train_seconds, gate_seconds in the JSON) on ~1/6 "
+               "of a core; see the CTR rows"),
            row("consume + decode examples (examples/s)", tp.get("consume_decode_examples_per_s"), raw,
                "raw confluent-kafka consume", "(context)", None, "ex/s")]
     fr = r.get("freshness") or {}
@@ -160,7 +162,8 @@ def rows_serve(r: dict) -> list[dict]:
         goal_ok = None if ours is None else (ours <= 20 if float(rate) <= 100 else None)
         out.append(row(f"POST /v1/ads p99 at a paced {rate} req/s (ms)", ours, base, r.get("baseline_name", ""),
                        "<= 20 ms at 100 req/s" if float(rate) == 100 else "(reported)", goal_ok, "ms",
-                       "CPU per request (see stage profile in the JSON and docs/online.md)",
+                       "~7.6 ms CPU per request vs the ~1/5 core the process gets here (stage timings in the JSON; "
+                       "bench/profile_serve.py; docs/speed.md)",
                        higher_is_better=False))
     return out
 
