@@ -105,6 +105,40 @@ def _unavailable_errors() -> tuple[type[BaseException], ...]:
 _UNAVAILABLE = _unavailable_errors()
 
 
+class repo_lock:
+    """An exclusive lock on a Feast repository directory (``.adstream-repo.lock`` in it), held while
+    a client materialises, opens and applies it; waits up to ``timeout_s`` for another process."""
+
+    def __init__(self, repo_dir: Path, timeout_s: float = 300.0) -> None:
+        self.path = Path(repo_dir) / ".adstream-repo.lock"
+        self.timeout_s = timeout_s
+        self._fd: int | None = None
+
+    def __enter__(self) -> "repo_lock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise ConfigError(f"the Feast repository {self.path.parent} stayed locked by another process "
+                                      f"for {self.timeout_s:.0f}s ({self.path})") from None
+                time.sleep(0.05)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+
 class FeatureStoreClient:
     """Feast repository management, pushes and reads for adstream's entity aggregates."""
 
@@ -118,23 +152,27 @@ class FeatureStoreClient:
         self.feature_names = [n for n, _ in self.schema]
         self.tags = [half_life_tag(h) for h in self.half_lives]
         self._stored_time: dict[tuple[str, str], float] = {}
-        self.materialise()
-        from feast import FeatureStore
+        # several processes open one repository at once (the demo's updater and service): Feast
+        # writes its registry file in place, so one process's apply can wipe the views another just
+        # applied, or a reader can see a half-written file. One process at a time, here.
+        with repo_lock(self.repo_dir):
+            self.materialise()
+            from feast import FeatureStore
 
-        try:
-            self.store = FeatureStore(repo_path=str(self.repo_dir))
-        except Exception as e:  # bad yaml, unreachable registry ...
-            raise ConfigError(f"cannot open the Feast repository {self.repo_dir}: {e}") from e
-        if apply:
-            self.apply()
-        if settings.online_store == "sqlite":
-            _sqlite_wal(self.repo_dir / feast_repo.DATA_DIR / "online.db")
-        self._provider = self.store._get_provider()
-        try:
-            self._views = {e: self.store.get_feature_view(feast_repo.view_name(e)) for e in ENTITY_TYPES}
-        except Exception as e:
-            raise ConfigError(f"the Feast repository {self.repo_dir} has no adstream feature views "
-                              f"(run `adstream features apply`): {e}") from e
+            try:
+                self.store = FeatureStore(repo_path=str(self.repo_dir))
+            except Exception as e:  # bad yaml, unreachable registry ...
+                raise ConfigError(f"cannot open the Feast repository {self.repo_dir}: {e}") from e
+            if apply:
+                self.apply()
+            if settings.online_store == "sqlite":
+                _sqlite_wal(self.repo_dir / feast_repo.DATA_DIR / "online.db")
+            self._provider = self.store._get_provider()
+            try:
+                self._views = {e: self.store.get_feature_view(feast_repo.view_name(e)) for e in ENTITY_TYPES}
+            except Exception as e:
+                raise ConfigError(f"the Feast repository {self.repo_dir} has no adstream feature views "
+                                  f"(run `adstream features apply`): {e}") from e
         self._fast = None
         if settings.online_store == "redis" and settings.fast_path:
             from features.redis_online import RedisFeatureIO
