@@ -45,6 +45,7 @@ class GateConfig:
     epochs: int = 30
     buffer: int = 2000  # reviewed creatives kept for replay (reservoir)
     tau: float = 0.5  # pass when P(available) >= tau
+    use_product: bool = True  # False: the creative alone (RFNet's ablation without the product image)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,7 +104,11 @@ class AvailabilityGate:
                 cats)
 
     def features(self, images: np.ndarray, products: np.ndarray) -> np.ndarray:
-        a, b = self.encoder.encode(images), self.encoder.encode(products)
+        a = self.encoder.encode(images)
+        if not self.config.use_product:
+            z = np.zeros((len(a), self.in_dim - a.shape[1]), dtype=np.float32)
+            return np.concatenate([a, z], 1)
+        b = self.encoder.encode(products)
         return np.concatenate([a, b, a - b, pair_features(images, products)], 1)
 
     def _logits(self, x: np.ndarray, cats: list[str], observe: bool = False) -> torch.Tensor:
@@ -223,7 +228,7 @@ class AvailabilityGate:
 
     def fingerprint(self) -> dict[str, Any]:
         c = self.config.to_dict()
-        return {k: c[k] for k in ("encoder", "size", "hidden", "cat_dim")}
+        return {k: c[k] for k in ("encoder", "size", "hidden", "cat_dim", "use_product")}
 
     def meta(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "buffer": int(len(self.buf_labels))}
