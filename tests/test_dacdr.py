@@ -194,3 +194,21 @@ def test_source_history_lets_dacdr_rank_a_cold_users_target_clicks():
         from models.ctr.metrics import auc
         res[name] = auc(y, p[sel])
     assert res["dacdr"] > res["single"] + 0.1, res
+
+
+def test_hidden_records_are_never_learnt_nor_folded_into_a_history():
+    """The cold-start protocol: a cold user's target-domain records reach neither the loss nor any
+    history, in learning and in scoring."""
+    recs = _records(1500, 6)
+    cold = {"u3", "u8"}
+    hide = [r["domain"] == "feed" and r["user_id"] in cold for r in recs]
+    m = _model(target_domains=["feed"])
+    stats = m.learn(recs, hide=hide)
+    assert stats["examples"] == sum(r["domain"] == "feed" and not h for r, h in zip(recs, hide))
+    assert all(m.history.count(u, "feed") == 0 for u in cold)
+    assert all(m.history.count(u, "search") > 0 for u in cold)  # their other domains are there
+    later = _records(300, 7, t0=5000.0)
+    hide_l = [r["domain"] == "feed" and r["user_id"] in cold for r in later]
+    p, is_cold = m.predict_window(later, hide=hide_l)
+    assert all(c for c, h in zip(is_cold, hide_l) if h)  # still cold at every one of their records
+    assert np.isfinite(p).all()
