@@ -116,11 +116,7 @@ def obd_frame(data_dir: str | None = None):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from models.crossdomain.evaluation import (XDColumns, XDEvalConfig, format_table, prepare_frame,
-                                               run_protocol, world_frame, write_report)
+    from models.crossdomain.frame import XDColumns, XDEvalConfig, prepare_frame
 
     models = tuple(_csv(args.models))
     ec = XDEvalConfig(targets=_csv(args.target) or None, variants=models, seeds=args.seeds,
@@ -133,16 +129,28 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--dim must be an even number >= 2 (two attention heads)")
     cols = XDColumns(args.user_col, args.item_col, args.domain_col, args.label_col, args.time_col,
                      _csv(args.item_features), _csv(args.categorical))
-    torch.set_num_threads(max(1, args.threads))
+    # the data is read and checked before torch is imported: a bad file fails at once
     if args.data == "obd":
         raw = obd_frame()
     elif args.data == "synthetic":
+        from models.crossdomain.evaluation import world_frame
+
         raw = world_frame(seed=args.world_seed, duration_s=args.duration)
     else:
         from streams.sources import read_table
 
         raw = read_table(args.data)
     df = prepare_frame(raw, cols)
+    unknown = [t for t in (ec.targets or []) if t not in set(df["domain"])]
+    if unknown:
+        raise ConfigError(f"target domain(s) {unknown} are not in the data (domains: {sorted(set(df['domain']))})")
+
+    import torch
+    from tqdm import tqdm
+
+    from models.crossdomain.evaluation import format_table, run_protocol, write_report
+
+    torch.set_num_threads(max(1, args.threads))
     n_targets = len(ec.targets or df["domain"].unique())
     with tqdm(total=n_targets * ec.seeds * len(models), desc="evaluate-crossdomain", unit="model",
               file=sys.stderr) as bar:
