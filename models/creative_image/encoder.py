@@ -5,7 +5,7 @@ Pluggable (:func:`make_encoder` by name; a model stores its encoder's name and s
 * ``classical`` (default): weight-free, deterministic, offline on CPU: a joint RGB histogram,
   mean colours on a 4×4 grid, gradient statistics (edge energy per image side: a product cut off by
   the frame leaves strong edges on the border), centre-vs-border contrast and colour spread.
-* ``cnn``: a small CNN (3 conv blocks, ~10k parameters) trained here, from scratch, on the review
+* ``cnn``: a small CNN (3 conv blocks, ~6k parameters) trained here, from scratch, on the review
   labels of the catalogue (:meth:`SmallCNNEncoder.fit`); it refuses to encode before it was
   trained (never random weights).
 """
