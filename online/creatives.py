@@ -66,11 +66,14 @@ class CreativeCatalogue:
         verdict = (ch.gate, ch.gate_score, str(ch.features.get("gate_version") or ch.source or "event")) \
             if ch.gate else None
         if ch.action == "add":
-            if ch.image:
+            if ch.image and not _decodes(ch.image):  # a picture nobody can show is not served
+                verdict = ("fail", None, "undecodable image")
+                log.warning("creative %s of ad %s: its image does not decode; it is never served", cid, ch.ad_id)
+            elif ch.image:
                 with self._lock:
                     self._image[cid] = {"creative_id": cid, "image": ch.image, "features": dict(ch.features),
                                         "category": ch.category}
-            if verdict is None and ch.image and ch.product_image:
+            if verdict is None and ch.image and ch.product_image and _decodes(ch.product_image):
                 verdict = self._judge(ch)
             if self.index is not None:
                 self.index.add_creative(ch.ad_id, cid, ch.category,
@@ -126,6 +129,16 @@ class CreativeCatalogue:
         return {"creatives": len(self._image), "verdicts": len(vs), "failed": vs.count("fail"),
                 "passed": vs.count("pass"), "judged_here": self.judged, "blocked_total": self.blocked_total,
                 "policy": self.policy}
+
+
+def _decodes(png: str) -> bool:
+    from core.images import from_png
+
+    try:
+        from_png(png)
+        return True
+    except ValueError:
+        return False
 
 
 def _logit(p: float) -> float:

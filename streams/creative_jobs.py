@@ -16,7 +16,7 @@ import logging
 import threading
 from typing import Any
 
-from core.errors import ConfigError
+from core.errors import ConfigError, InvalidRecord
 from core.events import CreativeChange, decode
 from core.settings import Settings
 from streams.broker import resolve_bootstrap
@@ -31,9 +31,19 @@ JOBS = ("gate", "reward")
 
 
 def decode_creative(raw: bytes | None, now: float) -> Decoded:
-    """The ``creatives`` topic: ``CreativeChange`` -> (``creative:action:time``, event time, dict)."""
+    """The ``creatives`` topic: ``CreativeChange`` -> (``creative:action:time``, event time, dict). An
+    image that is not a decodable PNG is an invalid record (a dead letter with the reason)."""
+    from core.images import from_png
+
     ev = decode(raw, CreativeChange, now=now)
     assert isinstance(ev, CreativeChange)
+    for name in ("image", "product_image"):
+        text = getattr(ev, name)
+        if text:
+            try:
+                from_png(text)
+            except ValueError as e:
+                raise InvalidRecord("invalid_value", f"creative_change.{name}: {e}") from None
     return f"{ev.creative_id}:{ev.action}:{ev.event_time:.6f}", ev.event_time, ev.to_dict()
 
 

@@ -186,3 +186,24 @@ def test_style_table_picks_the_segments_best_style():
     ex = ([{"creative_id": "c1", "segment": "s0", "clicked": int(i % 10 == 0)} for i in range(500)]
           + [{"creative_id": "c2", "segment": "s0", "clicked": int(i % 4 == 0)} for i in range(500)])
     assert style_table(ex, {"c1": "plain", "c2": "stripes"}) == {"s0": "stripes"}
+
+
+def test_a_broken_image_file_is_a_dead_letter_is_skipped_and_is_never_served(gate):
+    from core.errors import InvalidRecord
+    from online.creatives import CreativeCatalogue
+    from streams.creative_jobs import decode_creative
+
+    w = _world(7, n_ads=10)
+    good = w.creative_event(w.ads[0], w.ads[0].creatives[0], 1.0)
+    bad = CreativeChange(**{**{k: getattr(good, k) for k in ("event_time", "ad_id", "action", "category",
+                                                             "product_image", "review")},
+                            "creative_id": "bad-1", "image": "bm90IGEgcG5n"})  # base64 of "not a png"
+    assert decode_creative(encode(good), 2.0)[2]["creative_id"] == good.creative_id
+    with pytest.raises(InvalidRecord, match="image"):
+        decode_creative(encode(bad), 2.0)
+    n = len(gate.buf_labels)
+    stats = gate.learn([bad.to_dict()])  # skipped, the window goes on
+    assert stats["examples"] == 0 and len(gate.buf_labels) == n
+    cat = CreativeCatalogue("block-failed")
+    cat.apply(bad)
+    assert cat.verdict("bad-1") == "fail" and not cat.allowed("bad-1")

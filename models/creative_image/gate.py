@@ -57,9 +57,19 @@ class GateConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def _reviewed(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return [r for r in records if r.get("review") in LABELS and r.get("image") is not None
-            and r.get("product_image") is not None]
+def _reviewed(records: Sequence[Mapping[str, Any]], size: int) -> list[Mapping[str, Any]]:
+    """Reviewed records whose two images decode (one broken file never stops a window)."""
+    out = []
+    for r in records:
+        if r.get("review") not in LABELS or r.get("image") is None or r.get("product_image") is None:
+            continue
+        try:
+            img, prod = image_of(r, "image", size), image_of(r, "product_image", size)
+        except ValueError:
+            continue
+        if img is not None and prod is not None:
+            out.append({**r, "image": img, "product_image": prod})
+    return out
 
 
 class AvailabilityGate:
@@ -134,7 +144,7 @@ class AvailabilityGate:
                     self.buf_cats[j] = cats[i]
 
     def learn(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        rev = _reviewed(records)
+        rev = _reviewed(records, self.config.size)
         if rev:
             imgs, prods, cats = self.arrays(rev)
             labels = np.array([LABELS.index(r["review"]) for r in rev], dtype=np.int64)
@@ -187,7 +197,7 @@ class AvailabilityGate:
         return [("pass" if float(x) >= self.config.tau else "fail", float(x)) for x in p]
 
     def score(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        rev = _reviewed(records)
+        rev = _reviewed(records, self.config.size)
         if not rev or not self.trained:
             return {"broken_f1": float("nan"), "broken_precision": float("nan"), "broken_recall": float("nan"),
                     "accuracy": float("nan"), "examples": len(rev)}

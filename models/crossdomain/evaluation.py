@@ -232,6 +232,9 @@ def write_report(report: dict[str, Any], out_dir: str | Path, title: str = "") -
         vals = [models[m][k]["mean"] for m in names for k in ("auc_cold", "auc_overall") if models[m][k]["mean"]]
         if vals:
             ax.set_ylim(max(0.0, min(vals) - 0.05), min(1.0, max(vals) + 0.05))
+        lo_, hi_ = ax.get_ylim()
+        if lo_ <= 0.5 <= hi_:
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
         ax.set_ylabel("AUC (mean ± sd over seeds)")
         ax.set_title(f"target: {t}")
         ax.legend(loc="lower right", fontsize=8)
