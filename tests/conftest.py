@@ -103,6 +103,11 @@ def _run_in_a_temporary_directory(tmp_path_factory: pytest.TempPathFactory) -> I
     work = tmp_path_factory.mktemp("cwd")
     old = os.getcwd()
     os.chdir(work)
+    try:  # hypothesis fixed its default home (cwd/.hypothesis) when the pytest plugin imported it
+        from hypothesis.configuration import set_hypothesis_home_dir
+        set_hypothesis_home_dir(work / ".hypothesis")
+    except ImportError:
+        pass
     try:
         yield
     finally:
