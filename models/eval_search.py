@@ -5,15 +5,20 @@ and the same two-stage procedure:
 
 1. *Shared settings* (learning rates, epochs), half the budget: trial 0 is the configuration as
    given (the defaults); trial j ≥ 1 draws the shared settings from a stream seeded by ``j``
-   alone, so trial j of every strategy uses the very same shared settings (common random numbers:
-   strategies are compared on equal footing, not on who drew luckier learning rates). The
-   strategy's own settings stay at their defaults.
-2. *Own settings*, the other half: around the stage-1 winner (its learning rates multiplied by a
-   log-uniform factor in [1/2, 2], its epochs kept), the strategy's own settings (retrain mode and
-   window, distillation weight and temperature, prior strengths) are drawn from a stream seeded by
-   ``j`` and the strategy's name. Fine-tuning has no own settings: its second stage refines the
-   learning rates only.
+   alone, so trial j of every strategy uses the very same shared settings (common random
+   numbers), with the strategy's own settings at their defaults. The trial with the best *mean*
+   validation AUC over all strategies of the run is kept for all of them (the consensus): the
+   training regime is chosen once, by a rule that treats every strategy alike, so the comparison
+   measures the methods and not which strategy's noisy pick landed on a luckier learning rate.
+2. *Own settings*, the other half: around the consensus (its learning rates multiplied by a
+   log-uniform factor in [1/2, 2], the same factor for every strategy at trial j, its epochs
+   kept), the strategy's own settings (retrain mode and window, distillation weight and
+   temperature, the prior's strengths and where it enters) are drawn from a stream seeded by
+   ``j`` and the strategy's name; a setting with a few named values cycles through them (trial j
+   takes value j mod n, from a per-strategy offset), so every value is tried once the budget
+   allows. Fine-tuning has no own settings: its second stage refines the learning rates only.
 
+Each strategy takes its best trial among the consensus trial and its stage-2 trials.
 Each trial runs the strategy on the validation prefix only (warm start, then train on period t and
 score period t+1 for the ``val_periods`` periods after the warm start) and is ranked by its mean
 validation AUC (ties: lower LogLoss). The test periods are never touched by the search.
@@ -37,10 +42,13 @@ class Param:
     kind: str
     values: tuple[Any, ...]
 
-    def draw(self, rng: np.random.Generator) -> Any:
+    def draw(self, rng: np.random.Generator, j: int | None = None) -> Any:
+        """A random value; for a ``choice`` with ``j`` given, the j-th value in turn."""
         if self.kind == "log":
             lo, hi = self.values
             return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        if j is not None:
+            return self.values[j % len(self.values)]
         return self.values[int(rng.integers(len(self.values)))]
 
 
@@ -49,7 +57,8 @@ SHARED = (
     Param("dense_lr", "log", (0.001, 0.05)),
     Param("epochs", "choice", (1, 2, 3)),
 )
-_FP = (Param("fp_strength", "log", (5.0, 200.0)), Param("fp_decay", "choice", (1.0, 0.8, 0.5)))
+_FP = (Param("fp_use", "choice", ("both", "logit", "input")), Param("fp_strength", "log", (5.0, 200.0)),
+       Param("fp_decay", "choice", (1.0, 0.8, 0.5)))
 _MP = (Param("mp_lambda", "log", (0.05, 2.0)),)
 OWN: dict[str, tuple[Param, ...]] = {
     "retrain": (Param("retrain_mode", "choice", ("expanding", "sliding")), Param("retrain_window", "choice", (1, 2, 3, 4))),
@@ -67,16 +76,17 @@ def stage1(n: int, search_seed: int = 0) -> list[dict[str, Any]]:
 
 
 def stage2(strategy: str, winner: dict[str, Any], base: dict[str, Any], n: int, search_seed: int = 0) -> list[dict[str, Any]]:
-    """Second-stage trials around the stage-1 winner (``winner``: its settings, ``base``: the
-    values the winner left at their defaults)."""
+    """Second-stage trials around the consensus stage-1 trial (``winner``: its settings, ``base``:
+    the values it left at their defaults)."""
     tag = zlib.crc32(strategy.encode())
-    out = []
+    out: list[dict[str, Any]] = []
     for j in range(n):
         rng = np.random.default_rng([search_seed, 1000 + j, tag])
+        common = np.random.default_rng([search_seed, 1000 + j])  # the same factors for every strategy
         t = {**{p.name: base[p.name] for p in SHARED}, **winner}
         for lr in ("emb_lr", "dense_lr"):
-            t[lr] = float(t[lr] * 2.0 ** rng.uniform(-1.0, 1.0))
-        t.update({p.name: p.draw(rng) for p in OWN.get(strategy, ())})
+            t[lr] = float(t[lr] * 2.0 ** common.uniform(-1.0, 1.0))
+        t.update({p.name: p.draw(rng, j + zlib.crc32(f"{strategy}:{p.name}".encode())) for p in OWN.get(strategy, ())})
         out.append(t)
     return out
 

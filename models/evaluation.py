@@ -88,6 +88,7 @@ class EvalConfig:
     fp_shrink: float = 2.0
     fp_strength: float = 20.0
     fp_decay: float = 1.0
+    fp_update: str = "batch"
     mp: str = "posterior"  # Model Prior form for ddp-mp / ddp
     mp_lambda: float = 1.0
     mp_lambda_mode: str = "evidence"
@@ -161,6 +162,7 @@ def strategy_config(name: str, ec: EvalConfig, cols: Columns, seed: int) -> CTRC
         fp_shrink=ec.fp_shrink,
         fp_strength=ec.fp_strength,
         fp_decay=ec.fp_decay,
+        fp_update=ec.fp_update,
         mp_lambda=ec.mp_lambda,
         mp_lambda_mode=ec.mp_lambda_mode,
         mp_count_agg=ec.mp_count_agg,
@@ -281,33 +283,47 @@ def search(
     ec: EvalConfig,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Runs the budgeted search for every strategy on the validation prefix (see eval_search)."""
+    """Runs the budgeted search for every strategy on the validation prefix (see eval_search).
+
+    Stage 1 runs the same shared trials for every strategy and keeps the one with the best mean
+    validation AUC over the strategies (the consensus); stage 2 searches each strategy's own
+    settings around it. Each strategy then takes its best trial among the consensus one and its
+    stage-2 trials.
+    """
     scored = ec.validation_periods()
     n1 = (ec.search_trials + 1) // 2
     base = {k: getattr(ec, k) for k in ("emb_lr", "dense_lr", "epochs")}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in ec.strategies}
+
+    def run(name: str, trial: dict[str, Any], stage: int) -> None:
+        recs, secs = run_strategy(name, replace(ec, **trial), cols, df_parts, bounds, ec.base_seed, scored)
+        a = [r["auc"] for r in recs]
+        ll = [r["logloss"] for r in recs]
+        results[name].append({"settings": trial, "stage": stage, "val_auc": _nanmean(a), "val_logloss": _nanmean(ll),
+                              "seconds": secs})
+        if progress:
+            progress(1)
+
+    first = stage1(n1, ec.base_seed)
+    for name in ec.strategies:
+        for trial in first:
+            run(name, trial, 1)
+    means = [_nanmean([results[n][j]["val_auc"] for n in ec.strategies if results[n][j]["val_auc"] is not None] or [np.nan])
+             for j in range(n1)]
+    consensus = int(np.nanargmax([m if m is not None else -np.inf for m in means]))
+    log.info("search: shared trial %d chosen by the mean validation AUC over %d strategies (%s)", consensus,
+             len(ec.strategies), first[consensus] or "as given")
     out: dict[str, dict[str, Any]] = {}
     for name in ec.strategies:
-        results: list[dict[str, Any]] = []
-
-        def run(trial: dict[str, Any], stage: int) -> None:
-            recs, secs = run_strategy(name, replace(ec, **trial), cols, df_parts, bounds, ec.base_seed, scored)
-            a = [r["auc"] for r in recs]
-            ll = [r["logloss"] for r in recs]
-            results.append({"settings": trial, "stage": stage, "val_auc": _nanmean(a), "val_logloss": _nanmean(ll),
-                            "seconds": secs})
-            if progress:
-                progress(1)
-
-        for trial in stage1(n1, ec.base_seed):
-            run(trial, 1)
-        winner = results[best_trial(results)]["settings"]
-        for trial in stage2(name, winner, base, ec.search_trials - n1, ec.base_seed):
-            run(trial, 2)
-        best = best_trial(results)
-        out[name] = {"chosen": results[best]["settings"], "trial": best, "val_auc": results[best]["val_auc"],
-                     "trials": results}
-        log.info("search %s: trial %d of %d, validation AUC %.4f, %s", name, best, len(results),
-                 results[best]["val_auc"] or float("nan"), results[best]["settings"] or "as given")
+        for trial in stage2(name, first[consensus], base, ec.search_trials - n1, ec.base_seed):
+            run(name, trial, 2)
+        eligible = [consensus, *range(n1, len(results[name]))]
+        best = eligible[best_trial([results[name][i] for i in eligible])]
+        r = results[name]
+        out[name] = {"chosen": r[best]["settings"], "trial": best, "val_auc": r[best]["val_auc"], "trials": r,
+                     "consensus_trial": consensus, "consensus_mean_auc": means[consensus]}
+        log.info("search %s: trial %d of %d, validation AUC %.4f, %s", name, best, len(r),
+                 r[best]["val_auc"] or float("nan"), r[best]["settings"] or "as given")
     return out
 
 
@@ -385,6 +401,7 @@ def _report(ec: EvalConfig, per: dict[str, dict[str, list[list[float]]]], chosen
         r["chosen"] = c["chosen"] if c else {}
         if c:
             r["validation_auc"] = c["val_auc"]
+            r["search_consensus"] = c["consensus_trial"]
             r["search"] = [{k: v for k, v in t.items()} for t in c["trials"]]
     return {
         "periods": ec.test_periods(),

@@ -217,6 +217,14 @@ def test_search_never_sees_the_test_periods() -> None:
     assert [t["stage"] for t in trials["ddp"]] == [1, 1, 2, 2]
     assert trials["ddp"][1]["settings"] == trials["finetune"][1]["settings"] and trials["ddp"][1]["settings"]
     assert "mp_lambda" in trials["ddp"][2]["settings"] and "mp_lambda" not in trials["finetune"][2]["settings"]
+    for j in (2, 3):  # stage 2 refines the learning rates by the same factors for both
+        assert trials["ddp"][j]["settings"]["emb_lr"] == trials["finetune"][j]["settings"]["emb_lr"]
+    # the shared settings were kept for both by their mean validation AUC over the strategies
+    mean = [np.mean([trials[s][j]["val_auc"] for s in trials]) for j in (0, 1)]
+    consensus = int(np.argmax(mean))
+    for s in ("finetune", "ddp"):
+        assert rep["strategies"][s]["search_consensus"] == consensus
+        assert rep["strategies"][s]["chosen"] in [trials[s][j]["settings"] for j in (consensus, 2, 3)]
 
 
 @pytest.mark.parametrize("mode,window,expect", [("expanding", None, lambda t: 0), ("sliding", 2, lambda t: t - 1)])

@@ -196,3 +196,34 @@ def test_priors_start_from_the_data_ctr() -> None:
     off = CTRLearner(CTRConfig(**{**cfg.__dict__, "init_from_data": False}))
     off.train_window([raw])
     assert float(off.net.bias) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_window_update_holds_the_window_back_until_it_ends() -> None:
+    """fp_update="window": within a window every prior input comes from earlier windows only; the
+    window's counts arrive when it ends (the default "batch" feeds them after each step)."""
+    rng = np.random.default_rng(2)
+    ads = rng.integers(0, 5, 1000)
+    y = (rng.random(1000) < np.where(ads == 0, 0.9, 0.1)).astype(np.float32)
+    raw = _raw({"ad": ads}, y)
+    seen: dict[str, list[np.ndarray]] = {}
+    for mode in ("window", "batch"):
+        cfg = CTRConfig(fields=[FieldConfig("ad", 16)], fp="count", fp_update=mode, embedding_dim=4, hidden=(8,))
+        learner = CTRLearner(cfg)
+        step = learner._step
+        got: list[np.ndarray] = []
+
+        def spy(inp, z_prev, lam, got=got, step=step):
+            got.append(inp.prior_counts.numpy().copy())
+            return step(inp, z_prev, lam)
+
+        learner._step = spy  # type: ignore[method-assign]
+        learner.train_window(iter_batches(raw.slice(0, 500), 100))
+        learner.train_window(iter_batches(raw.slice(500, 1000), 100))
+        assert learner.count_prior.imps[0].sum() == 1000
+        seen[mode] = got
+    assert all(np.abs(u).max() == 0.0 for u in seen["window"][:5])  # nothing before the first window ends
+    # the second window reads the first window's counts, frozen for the whole window: one value per ad
+    second = np.concatenate(seen["window"][5:])[:, 0]
+    assert np.abs(second).max() > 1.0 and len(np.unique(second)) <= 5
+    assert np.abs(seen["batch"][1]).max() > 0.5  # batch mode: the first batch's labels already count
+    assert len(np.unique(np.concatenate(seen["batch"][5:])[:, 0])) > 5

@@ -264,6 +264,19 @@ class RowCountPrior:
             z = z - np.log(m / (1 - m))
         return z.astype(np.float32)
 
+    def merge(self, other: "RowCountPrior") -> None:
+        """Adds another table's counts (same row space) to this one."""
+        for f in range(len(self.clicks)):
+            self.clicks[f] += other.clicks[f]
+            self.imps[f] += other.imps[f]
+        self.totals += other.totals
+
+    def clear(self) -> None:
+        for c, n in zip(self.clicks, self.imps):
+            c[:] = 0.0
+            n[:] = 0.0
+        self.totals[:] = 0.0
+
     def reset(self, field: int, rows: np.ndarray) -> None:
         """Recycled rows forget their previous owner's counts."""
         self.clicks[field][rows] = 0.0

@@ -82,6 +82,7 @@ class CTRConfig:
     fp_e2e: bool = True  # the learned prior's logit term passes the main loss's gradient to the prior
     fp_strength: float = 20.0  # κ: Beta prior pseudo-impressions (count)
     fp_decay: float = 1.0  # multiply count statistics by this after every window (count)
+    fp_update: str = "batch"  # count: batch = a batch's labels reach the prior after its step; window = when the window ends
     # Model Prior
     mp: str = "off"  # off | posterior | kl | logit
     mp_lambda: float = 1.0
@@ -107,6 +108,7 @@ class CTRConfig:
             (self.backbone in ("deepfm", "dcn"), f"backbone must be deepfm or dcn, not {self.backbone!r}"),
             (self.fp in FP_MODES, f"fp must be one of {FP_MODES}"),
             (self.fp_use in FP_USES, f"fp_use must be one of {FP_USES}"),
+            (self.fp_update in ("window", "batch"), "fp_update must be window or batch"),
             (self.mp in MP_MODES, f"mp must be one of {MP_MODES}"),
             (self.mp_lambda >= 0, "mp_lambda must be >= 0"),
             (self.mp_lambda_mode in LAMBDA_MODES, f"mp_lambda_mode must be one of {LAMBDA_MODES}"),

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -48,6 +49,9 @@ from models.ctr.model import CTRConfig, CTRNet, build_net
 from models.ctr.prior_strength import best_step, pv_scale, strengths, window_counts
 
 log = logging.getLogger(__name__)
+# torch's Adagrad builds sparse COO gradients for the first-order and prior tables and says, once per
+# process, that it does not check their invariants; the indices come from our own mappers
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
 @dataclass
@@ -103,6 +107,8 @@ class CTRLearner(StateMixin):
         self.mappers = [IdMapper(f.capacity, f.admission, f.ttl, f.mapper) for f in config.fields]
         self.standardizer = RunningStandardizer(len(config.numeric))
         self.count_prior = RowCountPrior(self.capacities, config.fp_strength) if config.fp == "count" else None
+        # fp_update="window": the current window's counts, added to the prior when the window ends
+        self._pending = RowCountPrior(self.capacities, config.fp_strength) if config.fp == "count" else None
         # sightings behind the model, per row (Model Prior strength), reset with the row, decayed per window
         self.evidence = (
             [np.zeros(c, dtype=np.float64) for c in self.capacities] if self._uses_evidence() else None
@@ -174,8 +180,9 @@ class CTRLearner(StateMixin):
             st = opt.state.get(getattr(mod, attr).weight) if opt is not None else None
             if st and "sum" in st:
                 st["sum"][r + mod.offsets[fi]] = 0
-        if self.count_prior is not None:
+        if self.count_prior is not None and self._pending is not None:
             self.count_prior.reset(fi, rows)
+            self._pending.reset(fi, rows)
         if self.evidence is not None:
             self.evidence[fi][rows] = 0.0
         for link in self._frozen_nets():
@@ -442,10 +449,11 @@ class CTRLearner(StateMixin):
         return replace(inp, sightings=inp.sightings + epoch * torch.from_numpy(now))
 
     def _feed(self, raw: RawBatch, inp: ModelInput) -> None:
-        """After a batch's step: its labels reach the count prior, its sightings the evidence."""
+        """After a batch's step: its labels reach the count prior (at once, or when the window ends
+        with ``fp_update="window"``), its sightings the evidence."""
         rows = inp.rows.numpy()
-        if self.count_prior is not None:
-            self.count_prior.update(rows, raw.labels)
+        if self.count_prior is not None and self._pending is not None:
+            (self._pending if self.config.fp_update == "window" else self.count_prior).update(rows, raw.labels)
             self.prior_max_index = max(self.prior_max_index, int(raw.index.max()))
         if self.evidence is not None:
             for f, ev in enumerate(self.evidence):
@@ -457,8 +465,11 @@ class CTRLearner(StateMixin):
     def _end_window(self) -> None:
         cfg = self.config
         self.windows_trained += 1
-        if self.count_prior is not None and cfg.fp_decay < 1:
-            self.count_prior.decay(cfg.fp_decay)
+        if self.count_prior is not None and self._pending is not None:
+            if cfg.fp_decay < 1:
+                self.count_prior.decay(cfg.fp_decay)
+            self.count_prior.merge(self._pending)  # fp_update="window": the window's labels arrive now
+            self._pending.clear()
         if self.evidence is not None and cfg.mp_count_decay < 1:
             for ev in self.evidence:
                 ev *= cfg.mp_count_decay
