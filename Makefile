@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip --disable-pip-version-check
 
-.PHONY: all install demo test test-fast bench clean
+.PHONY: all install demo test test-fast bench drill clean
 
 all: install
 
@@ -29,6 +29,11 @@ services-%:
 
 demo: install services-demo
 	$(BIN)/adstream demo
+
+# the fault drill (docs/drill.md): kill -9 of every worker, a broker restart, Redis stopped,
+# malformed and poisoned input, then an audit of the topics and stores; exits 1 on any loss
+drill: install services-test
+	$(BIN)/adstream drill
 
 # ADSTREAM_REQUIRE_SERVICES: a test skipped because a service is missing counts as a failure
 test: install services-test

@@ -43,6 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("adstream.cmd_serve", "run the online ad service (POST /v1/ads)"),
     "simulate-traffic": ("adstream.cmd_simulate", "send ad requests from the synthetic world's users and produce their clicks"),
     "demo": ("adstream.cmd_demo", "run the whole loop (broker, workers, trainer, service, simulated users) and print a summary"),
+    "drill": ("adstream.cmd_drill", "the fault drill: kill -9 every worker, restart the broker, stop Redis, poison the input; audit for loss"),
 }
 
 

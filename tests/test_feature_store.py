@@ -92,12 +92,9 @@ def test_read_for_request_one_user_200_ads(client):
         s.apply_impression(imp(i, T0 + i, user=f"u{i % 10}", ad=f"a{i % 200}"))
     client.push(s.dirty_rows(), to="online")
     ads = [f"a{i}" for i in range(200)]
-    lat = []
-    for _ in range(20):
-        t0 = time.perf_counter()
-        out = client.read_for_request("u3", ads, creative_ids=[f"{a}-cr" for a in ads], query="q",
-                                      categories=["cat"] * 200)
-        lat.append(time.perf_counter() - t0)
+    # one batched read; its speed is measured in bench/bench_feature_read.py, not asserted here
+    out = client.read_for_request("u3", ads, creative_ids=[f"{a}-cr" for a in ads], query="q",
+                                  categories=["cat"] * 200)
     assert out["user"]["impressions"] == 100
     assert out["query"]["impressions"] == 1000
     assert len(out["ads"]) == 200
@@ -105,9 +102,6 @@ def test_read_for_request_one_user_200_ads(client):
         assert row["ad"]["impressions"] == 5 and row["ad"]["event_time"] == s.row_values("ad", a)["event_time"]
         assert row["creative"]["impressions"] == 5 and row["category"]["impressions"] == 1000
         assert 0.0 <= row["ad"][f"ctr_{half_life_tag(60.0)}"] <= 1.0
-    lat.sort()
-    print(f"\nread_for_request 1 user + 200 ads ({client.settings.online_store}): "
-          f"p50 {lat[len(lat) // 2] * 1e3:.1f} ms, max {lat[-1] * 1e3:.1f} ms")
 
 
 def test_historical_point_in_time(client):
@@ -187,8 +181,6 @@ def test_processes_opening_one_fresh_repository_at_once_all_get_the_views(tmp_pa
 
 
 def test_a_client_waits_while_another_process_holds_the_repository(tmp_path):
-    import time
-
     from features.store import repo_lock
 
     repo = tmp_path / "repo"

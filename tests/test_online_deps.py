@@ -139,6 +139,7 @@ def test_served_features_come_from_the_store(tmp_path, redis_server, one_torch_t
 
     out = svc.handle(AdRequestData(user_id="u9", query=q, slots=3))
     assert "features" not in out["degraded"]
+    assert len(sink.records) == len(out["ads"]) == 3  # the loop below checks every served ad
     for _topic, _key, value in sink.records:
         imp = decode(value, Impression)
         assert imp.features["ad_impressions"] == 1 and imp.features["user_impressions"] == len(ad_ids)
