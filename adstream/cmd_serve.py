@@ -129,9 +129,18 @@ def build_app(settings, *, bootstrap: str | None, world=None, initial_inventory:
             ready_checks.append(lambda: ("creatives", cfeed.caught_up.is_set()))
         if wait_inventory_s > 0 and not feed.wait_caught_up(wait_inventory_s):
             log.warning("inventory feed not caught up after %.0fs; serving what is indexed", wait_inventory_s)
+    service_kwargs = dict(extras.service_kwargs or {})
+    if world is not None and getattr(world, "lexicon", None) is not None and (
+            settings.serve.rewrite_model or settings.serve.gram_model):
+        from models.rewrite.catalog import world_catalog
+        from online.rewrite import build_rewrite_stage
+
+        # the world's titles: GRAM indexes a new ad by its title the moment it becomes live
+        service_kwargs["rewrite_stage"] = build_rewrite_stage(
+            settings.serve, index, registry_root or settings.serve.registry_dir, world_catalog(world))
     app = create_app(settings.serve, registry_root=registry_root, feature_store=feature_store, sink=sink,
                      index=index, impressions_topic=topics.impressions, ready_checks=ready_checks,
-                     service_kwargs=extras.service_kwargs)
+                     service_kwargs=service_kwargs)
     closers.append(app.state.close)
     return Wired(app, closers, sink, feed, feature_store)
 
@@ -158,8 +167,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         upd["rewrite_model"] = args.rewrite_model
     if args.gram_model is not None:
         upd["gram_model"] = args.gram_model
-    if args.lexicon and args.world_seed is not None and not s.serve.rewrite_catalog:
-        upd["rewrite_catalog"] = f"world:{args.world_seed}"  # titles for GRAM to index new ads by
     if upd:
         s = s.model_copy(update={"serve": s.serve.model_copy(update=upd)})
     if not 0 <= s.serve.port <= 65535:

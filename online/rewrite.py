@@ -297,20 +297,30 @@ class RewriteStage:
         return out
 
 
-def build_rewrite_stage(settings, index: AdIndex, registry_root) -> RewriteStage | None:
-    """The stage ``serve.rewrite_model`` / ``serve.gram_model`` ask for (None when both are off)."""
+def _build(kind: str):
+    """A loader's builder that imports the model code (torch) only when a version is loaded."""
+    def build(state):
+        from models.rewrite.stream import GramStreamModel, RewriterStreamModel
+
+        return (RewriterStreamModel if kind == "rewriter" else GramStreamModel).from_state(state)
+
+    return build
+
+
+def build_rewrite_stage(settings, index: AdIndex, registry_root,
+                        catalog: dict[str, tuple[str, str]] | None = None) -> RewriteStage | None:
+    """The stage ``serve.rewrite_model`` / ``serve.gram_model`` ask for (None when both are off).
+    ``catalog`` (ad -> (title, category)) defaults to ``serve.rewrite_catalog``."""
     if not (settings.rewrite_model or settings.gram_model):
         return None
-    from models.rewrite.filedata import load_catalog
-    from models.rewrite.stream import GramStreamModel, RewriterStreamModel
+    from models.rewrite.catalog import load_catalog
 
     rw = gr = None
     if settings.rewrite_model:
-        rw = ModelLoader(registry_root, settings.rewrite_model, settings.model_poll_s,
-                         build=RewriterStreamModel.from_state)
+        rw = ModelLoader(registry_root, settings.rewrite_model, settings.model_poll_s, build=_build("rewriter"))
     if settings.gram_model:
-        gr = ModelLoader(registry_root, settings.gram_model, settings.model_poll_s, build=GramStreamModel.from_state)
+        gr = ModelLoader(registry_root, settings.gram_model, settings.model_poll_s, build=_build("gram"))
     rs = RewriteSettings(budget_ms=settings.rewrite_budget_ms, cache_size=settings.rewrite_cache_size,
                          cache_ttl_s=settings.rewrite_cache_ttl_s, k=settings.rewrite_k, rerank=settings.rewrite_rerank,
                          gram_k=settings.gram_k)
-    return RewriteStage(index, rw, gr, rs, catalog=load_catalog(settings.rewrite_catalog))
+    return RewriteStage(index, rw, gr, rs, catalog=catalog if catalog is not None else load_catalog(settings.rewrite_catalog))

@@ -43,7 +43,7 @@ def rewrite_job(rs: RewriteTrainSettings):
     """The job the settings describe (imports torch)."""
     from dataclasses import replace
 
-    from models.rewrite.filedata import load_catalog
+    from models.rewrite.catalog import load_catalog
     from models.rewrite.gram import GramConfig
     from models.rewrite.mobgm import MoBGMConfig
     from models.rewrite.stream import GramStreamModel, RefreshConfig, RewriteJob, RewriterStreamModel

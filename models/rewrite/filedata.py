@@ -182,31 +182,4 @@ def file_retrieval_data(df, query_col: str, item_col: str, *, seed: int = 0, tex
                          name=name or "file")
 
 
-def load_catalog(spec: str) -> dict[str, tuple[str, str]]:
-    """ad id -> (title, category) from a spec: ``world:SEED`` (the synthetic world with the lexicon
-    on, as ``adstream replay synthetic --lexicon`` plays it), a table with ``ad_id``, ``title`` and an
-    optional ``category`` column, or ``""`` (no catalog)."""
-    spec = (spec or "").strip()
-    if not spec:
-        return {}
-    if spec.startswith("world:"):
-        from core.lexicon import LexiconConfig
-        from core.world import World, WorldConfig
-        from models.rewrite.stream import world_catalog
-
-        try:
-            seed = int(spec.split(":", 1)[1])
-        except ValueError:
-            raise ConfigError(f"catalog {spec!r}: world:SEED needs an integer seed") from None
-        # the initial ads' titles do not depend on the drift settings; new ads' follow the default drift
-        return world_catalog(World(WorldConfig(seed=seed, lexicon=LexiconConfig(enabled=True))))
-    df = read_table(spec)
-    _need(df, ["ad_id", "title"])
-    has_cat = "category" in df.columns
-    out = {}
-    for r in df.itertuples(index=False):
-        d = dict(zip(df.columns, r))
-        a = str(d["ad_id"]).strip()
-        if a:
-            out[a] = (normalize(d["title"]), str(d["category"]).strip() if has_cat else "")
-    return out
+from models.rewrite.catalog import load_catalog  # noqa: E402,F401 - its old home

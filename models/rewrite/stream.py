@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from models.rewrite.catalog import world_catalog
 from models.rewrite.decode import TokenTrie
 from models.rewrite.gram import Gram, GramConfig
 from models.rewrite.mobgm import MoBGM, MoBGMConfig, Rewrites, weak_relevance
@@ -399,11 +400,6 @@ class RewriteJob:
     def from_state(cls, s: dict) -> "RewriteJob":
         return cls(RewriterStreamModel.from_state(s["rewriter"]),
                    GramStreamModel.from_state(s["gram"]) if s.get("gram") else None, s.get("name", "rewrite"))
-
-
-def world_catalog(world) -> dict[str, tuple[str, str]]:
-    """ad id -> (title, category) of a synthetic world (lexicon on; titles empty otherwise)."""
-    return {a.id: (a.title, a.category) for a in world.ads}
 
 
 __all__ = ["GRAM_NAME", "REWRITER_NAME", "GramStreamModel", "RefreshConfig", "RewriteJob", "RewriteRequest",
