@@ -245,7 +245,7 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
         url = f"http://127.0.0.1:{ports['serve']}"
         say(f"workers: joiner ({cfg.joiner_runtime} runtime), feature updater, trainer, service on {url}; "
             f"logs in {root / 'logs'}")
-        ready = _wait_http(url + "/readyz", 120, loop, "the online service")
+        ready = _wait_http(url + "/readyz", 300, loop, "the online service")  # Feast alone can take a minute on a busy machine
         say(f"service ready (model {ready.get('model_version', ready.get('model', '?'))})")
         if cfg.rewrite:  # after the service, like the query workers: their start competes with it otherwise
             _spawn(loop, "rewrite_trainer", [
