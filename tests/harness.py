@@ -125,13 +125,34 @@ class RedisServer:
         self.stop()
 
 
+def free_cluster_port(host: str = "127.0.0.1", low: int = 20000, high: int = 55535) -> int:
+    """A port for a Redis Cluster node: at most 55535 (a node also listens on its port + 10000, its
+    cluster bus) with both the port and its bus port free right now. An ephemeral port from the kernel
+    is often above 55535, which redis-server refuses in cluster mode."""
+    import random
+
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randint(low, high)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as a, \
+                    socket.socket(socket.AF_INET, socket.SOCK_STREAM) as b:
+                a.bind((host, port))
+                b.bind((host, port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no free port pair (p, p+10000) with p in [{low}, {high}] on {host}")
+
+
 class RedisClusterServer:
     """A local Redis Cluster: ``n`` redis-server nodes with ``--cluster-enabled yes`` on free ports of
-    127.0.0.1, joined with ``redis-cli --cluster create`` (masters only, slots split evenly)."""
+    127.0.0.1 (at most 55535, see ``free_cluster_port``), joined with ``redis-cli --cluster create``
+    (masters only, slots split evenly)."""
 
     def __init__(self, work_dir: str | Path, n: int = 3) -> None:
         self.work_dir = Path(work_dir)
-        self.nodes = [RedisServer(self.work_dir / f"node{i}", extra_args=[
+        self.nodes = [RedisServer(self.work_dir / f"node{i}", port=free_cluster_port(), extra_args=[
             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"])
             for i in range(n)]
 

@@ -182,11 +182,44 @@ def test_end_to_end_matches_recomputation_and_dead_letters(bootstrap, topic_name
 
 
 def test_kill_9_mid_stream_gives_the_same_features(bootstrap, topic_names, tmp_path):
+    """The updater is kill -9'd at random moments after a checkpoint while events keep arriving; a last
+    run to the end gives exactly the features of a recount. A producer thread feeds the stream while
+    the kills go on, so a fast updater cannot finish before it is killed."""
+    import threading
+
     from features.store import FeatureStoreClient
 
     create_topics(bootstrap, topic_names.all(), partitions=3)
-    imps, clicks = make_events(12000, seed=2)
-    produce_all(bootstrap, topic_names, imps, clicks, bad=True)
+    imps, clicks = make_events(120000, seed=2)
+    clicks_of: dict[str, list[Click]] = {}
+    for c in clicks:
+        clicks_of.setdefault(c.request_id, []).append(c)
+    sent_imps: list[Impression] = []
+    sent_clicks: list[Click] = []
+    killing = threading.Event()
+    killing.set()
+
+    def feed() -> None:  # ~1,200 impressions/s while the kills go on, then the bad records
+        p = make_producer(bootstrap)
+        i, chunk = 0, 300
+        while killing.is_set() and i < len(imps):
+            for x in imps[i:i + chunk]:
+                p.produce(topic_names.impressions, encode(x), key=x.key)
+                sent_imps.append(x)
+                for c in clicks_of.get(x.request_id, ()):
+                    p.produce(topic_names.clicks, encode(c), key=c.key)
+                    sent_clicks.append(c)
+            p.poll(0)
+            i += chunk
+            time.sleep(0.25)
+        for raw, _ in BAD_IMPRESSIONS:
+            p.produce(topic_names.impressions, raw, key="bad")
+        for raw, _ in BAD_CLICKS:
+            p.produce(topic_names.clicks, raw, key="bad")
+        assert p.flush(30) == 0 and p.errors == 0
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
     settings = make_settings(bootstrap, topic_names, tmp_path)
     cfg = tmp_path / "adstream.yaml"
     cfg.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
@@ -196,27 +229,34 @@ def test_kill_9_mid_stream_gives_the_same_features(bootstrap, topic_names, tmp_p
     ckpt = Path(settings.features.checkpoint_dir) / "checkpoint.pkl"
     rng = random.Random(5)
     kills = 0
-    for attempt in range(3):
-        log = open(tmp_path / f"run{attempt}.log", "wb")
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-        before = ckpt.stat().st_mtime if ckpt.exists() else 0.0
-        deadline = time.monotonic() + 60
-        # wait for a new checkpoint, then kill at a random moment shortly after
-        while time.monotonic() < deadline and proc.poll() is None:
-            if ckpt.exists() and ckpt.stat().st_mtime > before:
-                break
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 0.4))
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait(10)
-        log.close()
-    assert kills >= 2, "the updater finished before it could be killed; use more events"
+    try:
+        for attempt in range(3):
+            log = open(tmp_path / f"run{attempt}.log", "wb")
+            proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+            before = ckpt.stat().st_mtime if ckpt.exists() else 0.0
+            deadline = time.monotonic() + 90
+            # wait for a new checkpoint, then kill at a random moment shortly after
+            while time.monotonic() < deadline and proc.poll() is None:
+                if ckpt.exists() and ckpt.stat().st_mtime > before:
+                    break
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.4))
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                kills += 1
+            proc.wait(10)
+            log.close()
+    finally:
+        killing.clear()
+        feeder.join(60)
+    assert not feeder.is_alive()
+    assert kills >= 2, "the updater stopped by itself before it could be killed: " + \
+        (tmp_path / "run0.log").read_text(errors="replace")[-2000:]
+    assert len(sent_imps) < len(imps), "the stream ran out while the kills went on; make more events"
     final = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, timeout=300)
     assert final.returncode == 0, final.stdout.decode()[-3000:]
     client = FeatureStoreClient(settings.features, apply=False)
-    assert_store_matches(client, expected_features(imps, clicks))
+    assert_store_matches(client, expected_features(sent_imps, sent_clicks))
     dl = read_topic(bootstrap, topic_names.dead_letter)
     # at-least-once: every bad record is there, possibly more than once after a kill
     assert {json.loads(v)["reason"] for _k, v, *_ in dl} == {r for _, r in BAD_IMPRESSIONS + BAD_CLICKS}
