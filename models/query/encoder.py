@@ -246,6 +246,9 @@ class AdapterEncoder(SharedEncoder):
         super().__init__(spec)
         self.features = features
         self.dim = features.dim
+        # keep the features of texts encoded without registering them (offline evaluation: the same
+        # validation texts every epoch); serving sets it False so unseen queries do not grow memory
+        self.cache_new = True
         self.register_buffer("base", torch.zeros(0, self.dim), persistent=False)
         self.w1 = nn.Linear(self.dim, spec.hidden)
         self.w2 = nn.Linear(spec.hidden, self.dim)
@@ -273,7 +276,7 @@ class AdapterEncoder(SharedEncoder):
         return self._adapt(self.base[ids])
 
     def _encode_new(self, texts: list[str]) -> torch.Tensor:
-        x = torch.from_numpy(np.asarray(self.features.embed(texts, store=False), dtype=np.float32))
+        x = torch.from_numpy(np.asarray(self.features.embed(texts, store=self.cache_new), dtype=np.float32))
         return self._adapt(x)
 
     def export(self) -> dict[str, Any]:

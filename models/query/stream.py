@@ -113,7 +113,9 @@ class QueryStreamModel:
     def _encoder(self):
         spec = EncoderSpec.from_dict(self.config.encoder)
         feats = self.features if self.features is not None else make_features(spec.features, spec.features_dim)
-        return build_encoder(spec, features=feats)
+        enc = build_encoder(spec, features=feats)
+        enc.cache_new = False  # serving: an unseen query's features are not kept
+        return enc
 
     def _labels_in_buffer(self) -> list[str]:
         seen: dict[str, None] = {}
@@ -320,6 +322,7 @@ class QueryStreamModel:
             m.buffer[q] = {"labels": dict(ls), "knowledge": list(kn), "clicks": float(c), "t": float(t)}
         if "leaves" in state:
             enc = restore_encoder(state["encoder"], features=features)
+            enc.cache_new = False
             space = LabelSpace.build(state["leaves"], m.config.hierarchy_sep)
             clf = QueryClassifier(m.scfg, space, enc)
             clf.threshold, clf.max_labels = m.config.threshold, m.config.max_labels
