@@ -11,7 +11,9 @@ null impression sink and no feature store (the query stage does not depend on it
 2. Inside ``POST /v1/ads`` at the serving benchmark's load (wrk, ``--rate`` req/s paced over 2
    connections), queries drawn from the world's request distribution with ``--unseen`` of them
    made unique (never cached): the service's own ``query`` stage timing and the whole request, for
-   ``query_classifier = model`` (with the cache), ``model`` without a cache, and ``counts``.
+   ``query_classifier = model`` with the cache and the 5 ms budget (a miss over budget is served by
+   counts, degraded, and cached when the model answers), with the cache and no budget, without a
+   cache, and ``counts``.
 
 usage: python bench/bench_query_latency.py [--seconds 15] [--rate 100] [--unseen 0.05]
        [--out bench/results/query_latency.json]
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -110,7 +113,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="qlat-"))
     t0 = time.time()
     version, model = train(world, tmp)
-    result: dict = {"machine": platform.node(), "python": platform.python_version(), "torch_threads": 1,
+    result: dict = {"machine": platform.node(), "load_avg_1m_at_start": round(os.getloadavg()[0], 2), "python": platform.python_version(), "torch_threads": 1,
                     "version": version, "train_seconds": round(time.time() - t0, 1),
                     "labels": len(model.labels), "queries_in_version": len(model.buffer)}
     # 1. the classifier alone
@@ -143,8 +146,11 @@ def main() -> int:
     lua.write_text(WRK_LUA % ", ".join(json.dumps(q) for q in seq))
     pace_ms = int(round(2 * 1000 / a.rate))
     result["serve"] = {"rate": a.rate, "seconds": a.seconds, "unseen_share": a.unseen}
-    for name, mode, cache in (("model_cached", "model", 10_000), ("model_no_cache", "model", 0), ("counts", "counts", 0)):
-        s = ServeSettings(query_classifier=mode, query_cache_size=cache, registry_dir=tmp, model_poll_s=1.0)
+    runs = (("model_cache_budget5ms", "model", 10_000, 5.0), ("model_cache_no_budget", "model", 10_000, None),
+            ("model_no_cache_no_budget", "model", 0, None), ("counts", "counts", 0, None))
+    for name, mode, cache, budget in runs:
+        s = ServeSettings(query_classifier=mode, query_cache_size=cache, query_budget_ms=budget, registry_dir=tmp,
+                          model_poll_s=1.0)
         app = create_app(s, registry_root=tmp, sink=NullSink(), index=index(), keep_stage_log=100_000)
         server = serve_in_thread(app, "127.0.0.1", 0)
         try:
@@ -157,7 +163,7 @@ def main() -> int:
             q = [x["query"] for x in logs]
             tot = [x["total"] for x in logs]
             deg = sum(1 for x in logs if x.get("degraded"))
-            result["serve"][name] = {"wrk": w, "query_stage": {"p50_ms": ms(pct(q, 50)), "p99_ms": ms(pct(q, 99))},
+            result["serve"][name] = {"load_avg_1m": round(os.getloadavg()[0], 2), "wrk": w, "query_stage": {"p50_ms": ms(pct(q, 50)), "p99_ms": ms(pct(q, 99))},
                                      "request_total": {"p50_ms": ms(pct(tot, 50)), "p99_ms": ms(pct(tot, 99))},
                                      "requests": len(logs), "degraded_share": round(deg / max(1, len(logs)), 3)}
             if isinstance(svc.classifier, ModelQueryClassifier):

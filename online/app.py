@@ -209,7 +209,7 @@ def create_app(
                                         settings.model_poll_s)
         qloader._on_swap = lambda old, new: metrics.model_swaps.labels(qloader.name).inc()
         kw["classifier"] = ModelQueryClassifier(qloader, CountsClassifier(index), settings.query_cache_size,
-                                                settings.query_classifier)
+                                                settings.query_classifier, budget_ms=settings.query_budget_ms)
     if (settings.rewrite_model or settings.gram_model) and "rewrite_stage" not in kw:  # docs/rewrite.md
         from online.rewrite import build_rewrite_stage
 

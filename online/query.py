@@ -9,6 +9,10 @@ Head queries are answered from a cache: one LRU per served version (``cache_size
 filled on every miss and, when a version is swapped in, with the version's most clicked queries
 (computed off the request path), so a head query never pays for the encoder.
 
+``budget_ms``: a query the model cannot answer in time (a cache miss needs the encoder: a MiniLM
+forward pass) is answered by counts and marked degraded; the model's answer still lands in the cache
+for the next time. Without a budget the request waits for the model.
+
 ``mode``: ``model`` (a missing version is degraded), ``auto`` (degraded only once a version was
 published: a service whose registry never held a query classifier classifies by counts, as
 before) or ``counts`` (the baseline only).
@@ -19,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Sequence
 
 from online.index import CountsClassifier
@@ -27,6 +32,10 @@ from online.models import LoadedModel, ModelLoader
 log = logging.getLogger(__name__)
 
 COMPONENT = "query_understanding"
+
+
+class _OverBudget(Exception):
+    """The model did not answer within the classifier's budget."""
 
 
 class LRU:
@@ -66,7 +75,8 @@ class ModelQueryClassifier:
     gives the top category (the :class:`online.index.QueryClassifier` protocol)."""
 
     def __init__(self, loader: ModelLoader | None, fallback: CountsClassifier, cache_size: int = 10_000,
-                 mode: str = "auto", warm_head: int = 1000) -> None:
+                 mode: str = "auto", warm_head: int = 1000, budget_ms: float | None = None,
+                 workers: int = 1, max_pending: int = 64) -> None:
         if mode not in ("model", "auto", "counts"):
             raise ValueError(f"query classifier mode must be model, auto or counts, not {mode!r}")
         self.loader = loader
@@ -74,9 +84,19 @@ class ModelQueryClassifier:
         self.mode = mode
         self.cache_size = cache_size
         self.warm_head = warm_head
+        self.budget_s = budget_ms / 1000.0 if budget_ms else None
+        self.max_pending = max_pending
+        self._pool = None
+        if self.budget_s is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="query-classify")
+        self._pending = 0
         self._caches: dict[str, LRU] = {}
         self._lock = threading.Lock()
         self.failures = 0
+        self.timeouts = 0
+        self.fallbacks = 0
         if loader is not None:
             prev = loader._on_swap
 
@@ -128,11 +148,11 @@ class ModelQueryClassifier:
                 if cats is not None:
                     return cats, False, loaded.version
                 try:
-                    out = loaded.predict([key])[0]
-                    cats = [c for c, _ in out]
+                    cats = self._predict(loaded, key, cache)
                     if cats:
-                        cache.put(key, cats)
                         return cats, False, loaded.version
+                except _OverBudget:
+                    self.timeouts += 1
                 except Exception as e:  # noqa: BLE001 - a broken model degrades, never fails the request
                     self.failures += 1
                     if self.failures <= 5 or self.failures % 1000 == 0:
@@ -142,7 +162,41 @@ class ModelQueryClassifier:
             return self._baseline(query, matched, self._required())
         return self._baseline(query, matched, False)
 
+    def _predict(self, loaded: LoadedModel, key: str, cache: LRU) -> list[str]:
+        """The model's categories for one query, cached. With a budget, a query the model does not
+        answer in time raises :class:`_OverBudget`; its answer still fills the cache when it comes."""
+
+        def run() -> list[str]:
+            try:
+                cats = [c for c, _ in loaded.predict([key])[0]]
+                if cats:
+                    cache.put(key, cats)
+                return cats
+            finally:
+                with self._lock:
+                    self._pending -= 1
+
+        if self._pool is None:
+            with self._lock:
+                self._pending += 1
+            return run()
+        with self._lock:
+            if self._pending >= self.max_pending:
+                raise _OverBudget()  # the model is behind: do not queue more work
+            self._pending += 1
+        fut = self._pool.submit(run)
+        try:
+            return fut.result(timeout=self.budget_s)
+        except FutureTimeout:
+            raise _OverBudget() from None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
     def _baseline(self, query: str, matched: list[tuple[str, str]], degraded: bool) -> tuple[list[str], bool, str]:
+        if degraded:
+            self.fallbacks += 1
         c = self.fallback.classify(query, matched)
         return ([c] if c else []), degraded, "counts"
 
@@ -152,7 +206,8 @@ class ModelQueryClassifier:
 
     def cache_stats(self) -> dict[str, Any]:
         c = next(iter(self._caches.values()), None)
-        return {"entries": len(c) if c else 0, "hits": c.hits if c else 0, "misses": c.misses if c else 0}
+        return {"entries": len(c) if c else 0, "hits": c.hits if c else 0, "misses": c.misses if c else 0,
+                "fallbacks": self.fallbacks, "over_budget": self.timeouts, "failures": self.failures}
 
 
 def query_loader(registry_root, name: str = "query-classifier", poll_s: float = 1.0) -> ModelLoader:

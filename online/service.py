@@ -234,6 +234,9 @@ class AdService:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        close_classifier = getattr(self.classifier, "close", None)
+        if callable(close_classifier):
+            close_classifier()
         self.features.close()
         if self.creative_cache is not None:
             self.creative_cache.stop()

@@ -51,7 +51,9 @@ def client(published):
     from fastapi.testclient import TestClient
 
     root, v, _ = published
-    app = create_app(settings(query_classifier="model"), registry_root=root, sink=ListSink(), index=world_index())
+    # a generous budget: on a busy test machine an unseen query's forward pass may take a while
+    app = create_app(settings(query_classifier="model", query_budget_ms=5000), registry_root=root, sink=ListSink(),
+                     index=world_index())
     with TestClient(app) as c:
         yield c, app, v
 
@@ -177,3 +179,30 @@ def test_model_query_classifier_unit(published):
     assert clf.cache_stats()["entries"] == 2  # warmed with the head queries, bounded by the size
     with pytest.raises(ValueError):
         ModelQueryClassifier(lo, CountsClassifier(world_index()), mode="nope")
+
+
+def test_a_miss_over_the_budget_is_served_by_counts_and_cached_for_next_time(published):
+    root, v, _ = published
+    lo = query_loader(root, NAME)
+    lo.refresh()
+    slow = lo.current.model.predict
+
+    def slow_predict(inputs):
+        time.sleep(0.2)
+        return slow(inputs)
+
+    lo.current.model.predict = slow_predict
+    clf = ModelQueryClassifier(lo, CountsClassifier(world_index()), cache_size=100, mode="model", budget_ms=20)
+    try:
+        q = "some tents never seen before"
+        cats, deg, ver = clf.understand(q, [])
+        assert deg and ver == "counts" and clf.cache_stats()["over_budget"] == 1
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            cats, deg, ver = clf.understand(q, [])
+            if not deg:
+                break
+            time.sleep(0.1)
+        assert not deg and ver == v and cats  # the late answer landed in the cache
+    finally:
+        clf.close()
