@@ -3,7 +3,7 @@
 The chain: examples (Kafka) -> the faust refresh agent (decayed click statistics, query snapshots)
 -> the shared model worker (windows of ``--window`` snapshots, gate on the next window, registry)
 -> the generic online loader (polls every 0.5 s). After 15 minutes of the world's examples have
-been learned and a version is served, ``--moves`` times one query's clicks move to another
+been learned (the worker has worked through that backlog) and a version is served, ``--moves`` times one query's clicks move to another
 category while the rest of the traffic goes on; the delay is wall time from producing the moved
 clicks to the first served version whose top category for that query is the new one. The
 background traffic is produced at ``--rate`` examples/s of wall time (it fills the windows).
@@ -103,6 +103,14 @@ def main() -> int:
         while loader.current is None and time.monotonic() - t_start < 600:
             time.sleep(1)
         result["first_version_s"] = round(time.monotonic() - t_start, 1)
+        hist_end = max(r["event_time"] for r in hist)
+        wfile = tmp / "qtrain" / "windows.jsonl"
+        while time.monotonic() - t_start < 900:  # the worker works through the history backlog first
+            lines = wfile.read_text().splitlines() if wfile.is_file() else []
+            if lines and json.loads(lines[-1])["event_time_max"] >= hist_end - 120:
+                break
+            time.sleep(1)
+        result["history_caught_up_s"] = round(time.monotonic() - t_start, 1)
         counts: dict[str, int] = {}
         for r in hist:
             counts[r["query"]] = counts.get(r["query"], 0) + r["clicked"]
