@@ -247,3 +247,33 @@ def test_vectorised_decision_rule_equals_the_brute_force_search():
             assert v == pytest.approx(score(f1_scores(predict_sets(probs, t, 1, cap), gold)))
             brute = max(score(f1_scores(predict_sets(probs, tt, 1, cc), gold)) for cc in CAPS for tt in THRESHOLDS)
             assert v == pytest.approx(brute)
+
+
+@pytest.mark.parametrize("kind", ["tiny-bert", "minilm-ft"])
+def test_transformer_encoders_train_predict_and_round_trip(kind):
+    """The other shared encoders: a small BERT from a config (MiniLM's word pieces) and MiniLM with
+    its top layer trained; both load offline from the wheel."""
+    from models.query.encoder import restore_encoder
+
+    torch.manual_seed(0)
+    space = LabelSpace.build(LEAVES, "/")
+    spec = EncoderSpec(kind=kind, hidden=32, layers=1, heads=2, finetune_layers=1)
+    enc = build_encoder(spec, texts=[q for q, _ in TRAIN] + space.texts)
+    clf = QueryClassifier(variant_config("smgcn", max_epochs=2, patience=5, batch_size=8), space, enc)
+    data = QueryData([q for q, _ in TRAIN], [space.ids(ls) for _, ls in TRAIN])
+    trainable = [n for n, p in enc.named_parameters() if p.requires_grad]
+    before = {n: p.detach().clone() for n, p in enc.named_parameters() if p.requires_grad}
+    clf.fit(data, data)
+    clf.net.train()
+    out = clf.net(clf.encoder.ids(data.queries[:4]))
+    loss, _ = clf.net.loss(out, torch.ones(4, len(LEAVES)))
+    loss.backward()
+    assert trainable and any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in enc.named_parameters()
+                             if n in before)
+    if kind == "minilm-ft":  # only the top layer trains
+        assert all(".layer.5." in n for n in trainable)
+    clf.net.eval()
+    p = clf.predict_proba(["wool rugs", "never seen words"])
+    assert p.shape == (2, len(LEAVES)) and np.all(np.isfinite(p))
+    again = restore_encoder(enc.export())
+    assert torch.allclose(again.encode(["wool rugs"]), enc.encode(["wool rugs"]), atol=1e-5)

@@ -202,7 +202,16 @@ class SharedEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """Encode texts (known rows from the table, others computed) without registering them."""
+        """Encode texts (known rows from the table, others computed) without registering them; in
+        eval mode (no dropout), whatever mode the module is in."""
+        was = self.training
+        self.eval()
+        try:
+            return self._encode(texts)
+        finally:
+            self.train(was)
+
+    def _encode(self, texts: Sequence[str]) -> torch.Tensor:
         known = [self.table.index.get(t) for t in texts]
         out = torch.zeros(len(texts), self.dim)
         kid = [i for i, k in enumerate(known) if k is not None]
