@@ -11,12 +11,14 @@ null impression sink and no feature store (the query stage does not depend on it
 2. Inside ``POST /v1/ads`` at the serving benchmark's load (wrk, ``--rate`` req/s paced over 2
    connections), queries drawn from the world's request distribution with ``--unseen`` of them
    made unique (never cached): the service's own ``query`` stage timing and the whole request, for
-   ``query_classifier = model`` with the cache and the 5 ms budget (a miss over budget is served by
-   counts, degraded, and cached when the model answers), with the cache and no budget, without a
-   cache, and ``counts``.
+   ``query_classifier = model`` with the cache and each budget of ``--budgets`` (default: the
+   setting's default ``serve.query_budget_ms``; a miss over budget is served by counts, degraded,
+   and cached when the model answers), with the cache and no budget, without a cache, and
+   ``counts``. ``query_degraded_share`` counts requests whose query stage fell back
+   (``query_understanding``); ``degraded_share`` any degradation (no feature store here).
 
 usage: python bench/bench_query_latency.py [--seconds 15] [--rate 100] [--unseen 0.05]
-       [--out bench/results/query_latency.json]
+       [--budgets 3,5] [--out bench/results/query_latency.json]
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def main() -> int:
     p.add_argument("--seconds", type=int, default=15)
     p.add_argument("--rate", type=int, default=100, help="paced req/s (the serving benchmark's load)")
     p.add_argument("--unseen", type=float, default=0.05, help="share of requests with a never-seen query")
+    p.add_argument("--budgets", default="", help="comma-separated query budgets in ms (default: the setting's default)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "query_latency.json"))
     a = p.parse_args()
     import torch
@@ -146,10 +149,12 @@ def main() -> int:
     lua.write_text(WRK_LUA % ", ".join(json.dumps(q) for q in seq))
     pace_ms = int(round(2 * 1000 / a.rate))
     result["serve"] = {"rate": a.rate, "seconds": a.seconds, "unseen_share": a.unseen}
-    runs = (("model_cache_budget5ms", "model", 10_000, 5.0), ("model_cache_no_budget", "model", 10_000, None),
-            ("model_no_cache_no_budget", "model", 0, None), ("counts", "counts", 0, None))
-    for name, mode, cache, budget in runs:
-        s = ServeSettings(query_classifier=mode, query_cache_size=cache, query_budget_ms=budget, registry_dir=tmp,
+    budgets = [float(x) for x in a.budgets.split(",") if x.strip()] or [ServeSettings().query_budget_ms]
+    runs = tuple((f"model_cache_budget{b:g}ms", "model", 10_000, b) for b in budgets) + (
+        ("model_cache_no_budget", "model", 10_000, None), ("model_no_cache_no_budget", "model", 0, None),
+        ("counts", "counts", 0, None))
+    for name, mode, cache, budget_ms in runs:
+        s = ServeSettings(query_classifier=mode, query_cache_size=cache, query_budget_ms=budget_ms, registry_dir=tmp,
                           model_poll_s=1.0)
         app = create_app(s, registry_root=tmp, sink=NullSink(), index=index(), keep_stage_log=100_000)
         server = serve_in_thread(app, "127.0.0.1", 0)
@@ -163,9 +168,11 @@ def main() -> int:
             q = [x["query"] for x in logs]
             tot = [x["total"] for x in logs]
             deg = sum(1 for x in logs if x.get("degraded"))
-            result["serve"][name] = {"load_avg_1m": round(os.getloadavg()[0], 2), "wrk": w, "query_stage": {"p50_ms": ms(pct(q, 50)), "p99_ms": ms(pct(q, 99))},
+            qdeg = sum(1 for x in logs if x.get("query_degraded"))
+            result["serve"][name] = {"budget_ms": budget_ms, "load_avg_1m": round(os.getloadavg()[0], 2), "wrk": w, "query_stage": {"p50_ms": ms(pct(q, 50)), "p99_ms": ms(pct(q, 99))},
                                      "request_total": {"p50_ms": ms(pct(tot, 50)), "p99_ms": ms(pct(tot, 99))},
-                                     "requests": len(logs), "degraded_share": round(deg / max(1, len(logs)), 3)}
+                                     "requests": len(logs), "degraded_share": round(deg / max(1, len(logs)), 3),
+                                     "query_degraded_share": round(qdeg / max(1, len(logs)), 3)}
             if isinstance(svc.classifier, ModelQueryClassifier):
                 result["serve"][name]["cache"] = svc.classifier.cache_stats()
             print(name, json.dumps(result["serve"][name]))

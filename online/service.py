@@ -513,6 +513,7 @@ class AdService:
         m.requests.labels("degraded" if degraded else "ok").inc()
         if self.stage_log is not None:
             stages["degraded"] = float(bool(degraded))
+            stages["query_degraded"] = float("query_understanding" in degraded)
             self.stage_log.append(stages)
         return {"request_id": request_id, "ads": ads_out, "model_versions": versions, "degraded": degraded}
 
