@@ -144,9 +144,10 @@ class TrainerSettings(BaseModel):
     mp_lambda: float = Field(1.0, ge=0)
     epochs: int = Field(1, ge=1)
     seed: int = 0
-    # gate (progressive validation on the next window)
-    gate_auc_margin: float = Field(0.01, ge=0)
+    # gate (progressive validation on the next window; docs/trainer.md "Gate")
+    gate_auc_margin: float = Field(0.01, ge=0)  # widened to one standard error of the AUC difference
     gate_logloss_margin: float = Field(0.01, ge=0)
+    gate_calibration_margin: float = Field(0.4, ge=0)  # log scale: e^0.4 ≈ 1.5x more over/under-prediction
     on_reject: str = Field("reset", pattern="^(reset|continue)$")
     # stream hygiene and stop conditions
     # de-duplication by key over an event-time horizon (None = the joiner's re-emission horizon:

@@ -79,6 +79,11 @@ class Criterion:
     - ``required``: a non-finite candidate value rejects (LogLoss); otherwise a non-finite value on
       either side skips this criterion (AUC of a window with one class).
     - ``label``: how the reason names it (default: ``key``).
+    - ``noise_key`` / ``noise_z``: a noise-aware margin. Each side's score holds the standard error
+      of its value under ``noise_key``; the margin used is the larger of ``margin`` and
+      ``noise_z · √(se_cand² + se_serving²)`` (the standard error of the difference of two
+      independent estimates: an upper bound of the noise of two models scored on the same window).
+      So a difference smaller than the window can measure never rejects.
     """
 
     key: str
@@ -86,10 +91,21 @@ class Criterion:
     margin: float = 0.0
     required: bool = False
     label: str = ""
+    noise_key: str = ""
+    noise_z: float = 0.0
 
     @property
     def name(self) -> str:
         return self.label or self.key
+
+    def margin_for(self, cand: Mapping[str, Any], serving: Mapping[str, Any]) -> float:
+        """The margin on this window: ``margin``, widened to the noise (see the class docstring)."""
+        if not self.noise_key or self.noise_z <= 0:
+            return self.margin
+        sc, ss = _num(cand.get(self.noise_key)), _num(serving.get(self.noise_key))
+        if not (math.isfinite(sc) and math.isfinite(ss)):
+            return self.margin
+        return max(self.margin, self.noise_z * math.hypot(sc, ss))
 
 
 @dataclass(frozen=True)
@@ -140,10 +156,12 @@ def gate_decision(cand: Mapping[str, Any], serving: Mapping[str, Any] | None, ga
         cv, sv = _num(cand.get(c.key)), _num(serving.get(c.key))
         if not (math.isfinite(cv) and math.isfinite(sv)):
             continue
-        if c.higher_is_better and cv < sv - c.margin:
-            reasons.append(f"{c.name} {cv:.4f} < serving {sv:.4f} - {c.margin}")
-        elif not c.higher_is_better and cv > sv + c.margin:
-            reasons.append(f"{c.name} {cv:.4f} > serving {sv:.4f} + {c.margin}")
+        m = c.margin_for(cand, serving)
+        shown = f"{m:.4g}" if m != c.margin else f"{c.margin}"
+        if c.higher_is_better and cv < sv - m:
+            reasons.append(f"{c.name} {cv:.4f} < serving {sv:.4f} - {shown}")
+        elif not c.higher_is_better and cv > sv + m:
+            reasons.append(f"{c.name} {cv:.4f} > serving {sv:.4f} + {shown}")
     if reasons:
         return False, "; ".join(reasons)
     return True, "within margins"

@@ -135,7 +135,8 @@ def worker_config(settings: Settings) -> WorkerConfig:
         topic=settings.kafka.topics.examples, dead_letter_topic=settings.kafka.topics.dead_letter,
         registry_dir=ts.registry_dir, checkpoint_dir=ts.checkpoint_dir, window_examples=ts.window_examples,
         window_seconds=ts.window_seconds, min_window=ts.min_window, on_reject=ts.on_reject,
-        gate_margins={"auc": ts.gate_auc_margin, "logloss": ts.gate_logloss_margin},
+        gate_margins={"auc": ts.gate_auc_margin, "logloss": ts.gate_logloss_margin,
+                      "overprediction": ts.gate_calibration_margin, "underprediction": ts.gate_calibration_margin},
         dedup_horizon_s=dedup_horizon_s(settings), dedup_max_keys=ts.dedup_max_keys,
         max_windows=ts.max_windows, idle_exit_s=ts.idle_exit_s, group_id=GROUP_ID, worker=WORKER)
 
@@ -218,6 +219,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate-auc-margin", type=float, metavar="X", help="publish if AUC >= serving AUC - X")
     p.add_argument("--gate-logloss-margin", type=float, metavar="X",
                    help="publish if LogLoss <= serving LogLoss + X")
+    p.add_argument("--gate-calibration-margin", type=float, metavar="X",
+                   help="publish if the candidate over- (under-) predicts the window's clicks by at most a factor "
+                   "e^X more than the serving model (log scale; 0.4 = 1.5x)")
     p.add_argument("--on-reject", choices=("reset", "continue"),
                    help="after a rejection: reset the learner to the serving model (default) or continue")
     p.add_argument("--batch-size", type=int, metavar="N")
@@ -238,7 +242,8 @@ def settings_for(args: argparse.Namespace, settings: Settings) -> Settings:
                      ("checkpoint_dir", "checkpoint_dir"), ("on_reject", "on_reject"), ("batch_size", "batch_size"),
                      ("capacity", "capacity"), ("max_windows", "max_windows"), ("idle_exit", "idle_exit_s"),
                      ("threads", "threads"), ("gate_auc_margin", "gate_auc_margin"),
-                     ("gate_logloss_margin", "gate_logloss_margin")):
+                     ("gate_logloss_margin", "gate_logloss_margin"),
+                     ("gate_calibration_margin", "gate_calibration_margin")):
         v = getattr(args, arg, None)
         if v is not None:
             upd[key] = v

@@ -42,6 +42,20 @@ def test_gate_margins_and_direction():
     assert Gate().decide({}, {"x": 1})[0]
 
 
+def test_noise_aware_margin_widens_to_the_standard_error_of_the_difference():
+    g = Gate.of(Criterion("auc", True, 0.01, label="AUC", noise_key="auc_se", noise_z=1.0))
+    s = {"auc": 0.70, "auc_se": 0.03}
+    # one standard error of the difference of two AUCs with se 0.03 and 0.04 is 0.05
+    assert g.decide({"auc": 0.655, "auc_se": 0.04}, s)[0]
+    ok, why = g.decide({"auc": 0.645, "auc_se": 0.04}, s)
+    assert not ok and why == "AUC 0.6450 < serving 0.7000 - 0.05"
+    # a precise window: the fixed margin holds
+    assert not g.decide({"auc": 0.685, "auc_se": 0.001}, {"auc": 0.70, "auc_se": 0.001})[0]
+    # no standard error on a side: the fixed margin
+    assert not g.decide({"auc": 0.685}, s)[0] and g.decide({"auc": 0.695}, s)[0]
+    assert not g.decide({"auc": 0.685, "auc_se": math.nan}, s)[0]
+
+
 def test_joint_decision():
     d = {"ad": (True, "within margins"), "creative": (False, "NSCTR 0.0100 < serving 0.0200 - 0.0")}
     each = joint_decision(d, "each")

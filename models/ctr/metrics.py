@@ -35,3 +35,24 @@ def logloss(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> float:
     if len(y) == 0:
         return float("nan")
     return float(-(y * np.log(p) + (1 - y) * np.log1p(-p)).mean())
+
+
+def auc_se(a: float, n_pos: int, n_neg: int) -> float:
+    """Standard error of an AUC ``a`` measured on ``n_pos`` positives and ``n_neg`` negatives
+    (Hanley & McNeil 1982). NaN when ``a`` is NaN or a class is missing."""
+    if not np.isfinite(a) or n_pos <= 0 or n_neg <= 0:
+        return float("nan")
+    q1, q2 = a / (2.0 - a), 2.0 * a * a / (1.0 + a)
+    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
+    return float(np.sqrt(max(var, 0.0)))
+
+
+def log_calibration(y: np.ndarray, p: np.ndarray, pseudo: float = 0.5) -> float:
+    """log((Σp + c) / (Σy + c)): how far the predicted clicks of a window are from the observed ones,
+    on a log scale (0 = calibrated, log 2 = twice too many). ``c`` (½) keeps it finite on a window
+    without clicks."""
+    y = np.asarray(y, dtype=np.float64).ravel()
+    p = np.asarray(p, dtype=np.float64).ravel()
+    if len(y) == 0:
+        return float("nan")
+    return float(np.log((p.sum() + pseudo) / (y.sum() + pseudo)))

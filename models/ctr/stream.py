@@ -5,8 +5,9 @@ trains it window by window and the one loader (``online.models.ModelLoader``) se
 
 - ``learn(records)``: one ``train_window`` on example dicts (``Example.to_dict()``); ``retrain``
   starts from a fresh learner every window.
-- ``score(records)``: AUC, LogLoss and calibration (predicted / observed clicks) on a window; the
-  gate compares AUC (higher, margin 0.01) and LogLoss (lower, margin 0.01, must be finite).
+- ``score(records)``: AUC (and its standard error), LogLoss, calibration (predicted / observed
+  clicks) and its log split into over- and under-prediction, on a window; the gate (``CTR_GATE``
+  below) compares AUC, LogLoss and the two calibration sides with the serving model's.
 - ``predict(examples)``: click probabilities. Read-only and thread-safe on a served copy
   (``from_state`` leaves the network in eval mode; nothing toggles it while serving).
 - ``state()``: ``CTRLearner.state_dict()`` plus a ``stream`` entry (strategy, windows, examples),
@@ -25,13 +26,24 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from models.ctr.features import RawBatch, iter_batches, raw_from_examples
-from models.ctr.metrics import auc, logloss
+from models.ctr.metrics import auc, auc_se, log_calibration, logloss
 from models.ctr.model import CTRConfig
 from models.ctr.train_loop import CTRLearner
 from models.stream_model import Criterion, Gate
 
-CTR_GATE = Gate.of(Criterion("auc", higher_is_better=True, margin=0.01, label="AUC"),
-                   Criterion("logloss", higher_is_better=False, margin=0.01, required=True, label="LogLoss"))
+# The gate (docs/trainer.md, "Gate"): AUC may drop by 0.01 or by one standard error of the
+# difference, whichever is larger (on a window of a few dozen clicks AUC differences are noise);
+# LogLoss may rise by 0.01; and the candidate may over- or under-predict the window's clicks by a
+# factor of at most e^0.4 ≈ 1.5 more than the serving model does. The last two catch a model that
+# learned a poisoned window (flipped or all-clicked labels): its ranking barely moves, but its level
+# of predictions does, and at a CTR of a few percent a doubled level costs only ~0.01 LogLoss.
+CALIBRATION_MARGIN = 0.4
+CTR_GATE = Gate.of(Criterion("auc", higher_is_better=True, margin=0.01, label="AUC", noise_key="auc_se", noise_z=1.0),
+                   Criterion("logloss", higher_is_better=False, margin=0.01, required=True, label="LogLoss"),
+                   Criterion("overprediction", higher_is_better=False, margin=CALIBRATION_MARGIN,
+                             label="over-prediction log(Σp/Σclicks)"),
+                   Criterion("underprediction", higher_is_better=False, margin=CALIBRATION_MARGIN,
+                             label="under-prediction log(Σclicks/Σp)"))
 
 WARM_EXAMPLE = {"user_id": "warm-u", "query": "warm", "ad_id": "warm-a", "creative_id": "warm-c",
                 "bidword": "warm", "category": "warm/leaf", "position": 0, "bid": 1.0, "slot": "top",
@@ -143,8 +155,11 @@ class CTRStreamModel:
         p = self.learner.predict(raw)
         y = raw.labels
         clicks = float(y.sum())
-        return {"auc": auc(y, p), "logloss": logloss(y, p),
-                "calibration": float(p.sum()) / clicks if clicks > 0 else float("nan")}
+        a = auc(y, p)
+        lc = log_calibration(y, p)
+        return {"auc": a, "auc_se": auc_se(a, int(clicks), len(y) - int(clicks)), "logloss": logloss(y, p),
+                "calibration": float(p.sum()) / clicks if clicks > 0 else float("nan"),
+                "overprediction": max(lc, 0.0), "underprediction": max(-lc, 0.0)}
 
     def predict(self, inputs: Sequence[Mapping[str, Any]] | RawBatch) -> np.ndarray:
         raw = inputs if isinstance(inputs, RawBatch) else examples_to_raw(inputs, self.learner.fields,
