@@ -147,3 +147,29 @@ def test_the_plug_in_example_of_the_architecture_doc_works(tmp_path):
     assert predict_or_baseline(loaded, [1, 2], lambda xs: [0.0] * len(xs), m.name, degraded) == ([0.25, 0.25],
                                                                                                   "v000001")
     assert degraded == []
+
+
+def test_ctr_gate_rejects_a_model_that_over_or_under_predicts_the_windows_clicks():
+    import numpy as np
+
+    from models.ctr.metrics import auc_se, log_calibration
+    from models.ctr.stream import CTR_GATE as ctr_gate
+
+    y = np.array([1] * 20 + [0] * 480)
+    p_ok = np.full(500, 0.04)
+    assert abs(log_calibration(y, p_ok) - math.log(20.5 / 20.5)) < 1e-12
+    assert abs(log_calibration(y, 2 * p_ok) - math.log(40.5 / 20.5)) < 1e-12
+    # Hanley-McNeil: AUC 0.5 on 20 / 480 is about 0.066; more data, smaller error
+    assert 0.06 < auc_se(0.5, 20, 480) < 0.075 and auc_se(0.5, 200, 4800) < auc_se(0.5, 20, 480) / 3
+    assert math.isnan(auc_se(0.7, 0, 500))
+
+    def scores(lc: float) -> dict:
+        return {"auc": 0.70, "auc_se": 0.03, "logloss": 0.17, "overprediction": max(lc, 0.0),
+                "underprediction": max(-lc, 0.0)}
+
+    serving = scores(0.1)
+    assert ctr_gate.decide(scores(0.45), serving)[0]  # 1.4x more over-prediction: within e^0.4
+    ok, why = ctr_gate.decide(scores(math.log(2.0)), serving)  # twice the clicks, same AUC and LogLoss
+    assert not ok and why.startswith("over-prediction"), why
+    ok, why = ctr_gate.decide(scores(-0.5), serving)  # 0.6x the clicks
+    assert not ok and why.startswith("under-prediction"), why

@@ -255,11 +255,8 @@ def test_poisoned_window_is_rejected_and_serving_kept(bootstrap, topic_names, tm
     for ex in exs[3 * w:4 * w]:  # window 3: labels flipped
         ex.clicked = 1 - ex.clicked
     produce(bootstrap, topic_names.examples, exs)
-    # the presets start from the data's CTR and have a per-value bias: one flipped window of 500
-    # costs the candidate ~0.01 LogLoss on the next window (clean windows move it by < 0.004), so
-    # the LogLoss margin is 0.005
-    settings = make_settings(bootstrap, topic_names, tmp_path, partitions=1, window_examples=w,
-                             gate_auc_margin=0.05, gate_logloss_margin=0.005, idle_exit_s=2.0)
+    # the default gate (docs/trainer.md, "Gate")
+    settings = make_settings(bootstrap, topic_names, tmp_path, partitions=1, window_examples=w, idle_exit_s=2.0)
     metrics = TrainerMetrics()
     out = run_trainer(settings, metrics=metrics, metrics_port=0)
     assert out["windows"] == 6
@@ -267,7 +264,11 @@ def test_poisoned_window_is_rejected_and_serving_kept(bootstrap, topic_names, tm
     # the candidate that learned the poisoned window is scored on window 4 and rejected
     r4 = rows[4]
     assert r4["gate"] == "reject", r4
-    assert r4["logloss"] > r4["serving_logloss"] + 0.005
+    # a window of 500 learned with flipped labels barely moves the ranking or the LogLoss (+0.0115
+    # here, a hair over the 0.01 margin), but the level of its predictions: the calibration
+    # criterion is what rejects it with room to spare (over-prediction 0.59 on a log scale vs 0.4)
+    assert "over-prediction" in r4["gate_reason"], r4["gate_reason"]
+    assert r4["overprediction"] > r4["serving_overprediction"] + 0.4
     assert r4["serving_version"] == rows[3]["serving_version"]  # serving unchanged by the rejection
     assert r4["reset_to"] == rows[3]["serving_version"]
     reg = ModelRegistry(settings.trainer.registry_dir)
