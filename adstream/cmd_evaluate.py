@@ -77,6 +77,9 @@ def register(subparsers: Any) -> None:
                    help="evidence mode: past sightings fade by this factor per window (1 = never forget)")
     p.add_argument("--mp-adapt", choices=["off", "pv"], default="pv",
                    help="pv: scale λ per window by progressive validation of the previous update (0 = fine-tuning)")
+    p.add_argument("--prior-check", choices=["ci", "off"], default="ci",
+                   help="ci: ddp keeps its prior only if it beats the same settings without a prior on the "
+                   "validation periods (paired bootstrap 95%% interval above 0); otherwise it falls back to fine-tuning")
     p.add_argument("--distill-weight", type=float, default=1.0)
     p.add_argument("--distill-temperature", type=float, default=2.0,
                    help="softening temperature T (at T=1 distillation equals the constant-λ posterior Model Prior)")
@@ -118,6 +121,7 @@ def eval_config(args: argparse.Namespace, strategies: tuple[str, ...]) -> Any:
         mp_adapt=args.mp_adapt,
         distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature,
+        prior_check=args.prior_check,
     )
 
 

@@ -19,6 +19,15 @@ and the same two-stage procedure:
    allows. Fine-tuning has no own settings: its second stage refines the learning rates only.
 
 Each strategy takes its best trial among the consensus trial and its stage-2 trials.
+
+*The no-prior point* (``NO_PRIOR``, ``EvalConfig.prior_check="ci"``): ``ddp`` then also runs its
+chosen trial with every prior switched off (Feature Prior and Model Prior: plain fine-tuning at the
+same settings) on the same validation periods, and keeps the prior only when it beats that point
+beyond noise: the paired bootstrap 95 % interval of the validation AUC difference (prior − none,
+:func:`models.eval_report.paired_difference`) lies above 0. Otherwise the no-prior point is
+chosen: when the validation data cannot tell the prior helps, DDP falls back to fine-tuning
+instead of taking a bet the search could not see (issue 10, item 4). The check is one extra
+validation run; it never reads a test period.
 Each trial runs the strategy on the validation prefix only (warm start, then train on period t and
 score period t+1 for the ``val_periods`` periods after the warm start) and is ranked by its mean
 validation AUC (ties: lower LogLoss). The test periods are never touched by the search.
@@ -68,6 +77,21 @@ OWN: dict[str, tuple[Param, ...]] = {
     "ddp-mp": _MP,
     "ddp": _FP + _MP,
 }
+
+
+# the strategies that fall back to their no-prior point unless the prior earns it on validation
+NO_PRIOR: dict[str, dict[str, Any]] = {"ddp": {"fp": "off", "mp": "off"}}
+
+
+def prior_check(labels: list[np.ndarray], probs_prior: list[np.ndarray], probs_none: list[np.ndarray],
+                seed: int = 0) -> dict[str, Any]:
+    """Keep the prior only when its validation AUC beats the no-prior point's beyond noise: the
+    paired bootstrap 95 % interval of the difference (prior − none) lies above 0."""
+    from models.eval_report import paired_difference
+
+    d = paired_difference(labels, [probs_prior], [probs_none], seed=seed)
+    return {"keep_prior": bool(d["ci95"][0] > 0), "prior_minus_none": d["mean"], "ci95": d["ci95"],
+            "per_period": d["per_period"]}
 
 
 def stage1(n: int, search_seed: int = 0) -> list[dict[str, Any]]:

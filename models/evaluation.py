@@ -41,7 +41,7 @@ from models.ctr.metrics import auc, logloss
 from models.ctr.model import CTRConfig, FieldConfig
 from models.ctr.train_loop import CTRLearner
 from models.eval_report import format_table, paired_difference, summarise, write_report
-from models.eval_search import best_trial, stage1, stage2
+from models.eval_search import NO_PRIOR, best_trial, prior_check, stage1, stage2
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class EvalConfig:
     distill_weight: float = 1.0
     distill_temperature: float = 2.0  # at T=1, distillation with weight w IS the posterior-label MP with λ=w
     base_seed: int = 0
+    prior_check: str = "ci"  # ci: ddp keeps its prior only if it beats no prior on validation (eval_search)
 
     def validate(self) -> None:
         bad = [s for s in self.strategies if s not in STRATEGIES]
@@ -122,6 +123,8 @@ class EvalConfig:
             raise ConfigError("--seeds, --epochs and --batch-size must be >= 1")
         if self.retrain_mode not in RETRAIN_MODES:
             raise ConfigError(f"--retrain-mode must be one of {RETRAIN_MODES}")
+        if self.prior_check not in ("ci", "off"):
+            raise ConfigError("--prior-check must be ci or off")
         if self.retrain_window is not None and self.retrain_window < 1:
             raise ConfigError("--retrain-window must be >= 1")
 
@@ -294,9 +297,11 @@ def search(
     n1 = (ec.search_trials + 1) // 2
     base = {k: getattr(ec, k) for k in ("emb_lr", "dense_lr", "epochs")}
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in ec.strategies}
+    probs: dict[str, list[list[np.ndarray]]] = {name: [] for name in ec.strategies}
 
     def run(name: str, trial: dict[str, Any], stage: int) -> None:
         recs, secs = run_strategy(name, replace(ec, **trial), cols, df_parts, bounds, ec.base_seed, scored)
+        probs[name].append([r["probs"] for r in recs])
         a = [r["auc"] for r in recs]
         ll = [r["logloss"] for r in recs]
         results[name].append({"settings": trial, "stage": stage, "val_auc": _nanmean(a), "val_logloss": _nanmean(ll),
@@ -322,9 +327,28 @@ def search(
         r = results[name]
         out[name] = {"chosen": r[best]["settings"], "trial": best, "val_auc": r[best]["val_auc"], "trials": r,
                      "consensus_trial": consensus, "consensus_mean_auc": means[consensus]}
+        if _checks_prior(name, ec):  # the no-prior point: one more validation run, outside the trial budget
+            off = {**r[best]["settings"], **NO_PRIOR[name]}
+            recs, _ = run_strategy(name, replace(ec, **off), cols, df_parts, bounds, ec.base_seed, scored)
+            if progress:
+                progress(1)
+            check = prior_check([df_parts[t].labels for t in scored], probs[name][best], [x["probs"] for x in recs],
+                                ec.base_seed)
+            check.update(settings=off, val_auc=_nanmean([x["auc"] for x in recs]))
+            out[name]["prior_check"] = check
+            log.info("search %s: prior - no prior on validation %+.4f [%+.4f, %+.4f]: %s", name,
+                     check["prior_minus_none"], *check["ci95"], "prior kept" if check["keep_prior"] else
+                     "no prior (fine-tuning at the chosen settings)")
+            if not check["keep_prior"]:
+                out[name].update(chosen=off, trial=None, val_auc=check["val_auc"])
         log.info("search %s: trial %d of %d, validation AUC %.4f, %s", name, best, len(r),
                  r[best]["val_auc"] or float("nan"), r[best]["settings"] or "as given")
     return out
+
+
+def _checks_prior(name: str, ec: EvalConfig) -> bool:
+    """Whether ``name`` gets the no-prior check (eval_search.NO_PRIOR): only if it has a prior."""
+    return ec.prior_check == "ci" and name in NO_PRIOR and (ec.fp != "off" or ec.mp != "off")
 
 
 def _nanmean(xs: list[float]) -> float | None:
@@ -334,7 +358,8 @@ def _nanmean(xs: list[float]) -> float | None:
 
 def protocol_steps(ec: EvalConfig) -> int:
     """Progress units of :func:`run_protocol` (search trials + scored test periods)."""
-    return len(ec.strategies) * (ec.search_trials + ec.seeds * len(ec.test_periods()))
+    checks = sum(_checks_prior(n, ec) for n in ec.strategies) if ec.search_trials > 0 else 0
+    return len(ec.strategies) * (ec.search_trials + ec.seeds * len(ec.test_periods())) + checks
 
 
 def run_protocol(
@@ -403,6 +428,8 @@ def _report(ec: EvalConfig, per: dict[str, dict[str, list[list[float]]]], chosen
             r["validation_auc"] = c["val_auc"]
             r["search_consensus"] = c["consensus_trial"]
             r["search"] = [{k: v for k, v in t.items()} for t in c["trials"]]
+            if "prior_check" in c:
+                r["prior_check"] = c["prior_check"]
     return {
         "periods": ec.test_periods(),
         "validation_periods": ec.validation_periods(),
@@ -411,6 +438,7 @@ def _report(ec: EvalConfig, per: dict[str, dict[str, list[list[float]]]], chosen
             "periods": ec.periods, "warm_start": ec.warm_start, "val_periods": ec.validation(),
             "search_trials": ec.search_trials, "seeds": ec.seeds, "base_seed": ec.base_seed,
             "selection": "mean next-period AUC on the validation periods (one seed), same trials budget per strategy",
+            "prior_check": ec.prior_check,
         },
     }  # fmt: skip
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -224,7 +225,46 @@ def test_search_never_sees_the_test_periods() -> None:
     consensus = int(np.argmax(mean))
     for s in ("finetune", "ddp"):
         assert rep["strategies"][s]["search_consensus"] == consensus
-        assert rep["strategies"][s]["chosen"] in [trials[s][j]["settings"] for j in (consensus, 2, 3)]
+        options = [trials[s][j]["settings"] for j in (consensus, 2, 3)]
+        if s == "ddp":  # or its no-prior point: its pick with every prior off
+            options.append(rep["strategies"][s]["prior_check"]["settings"])
+        assert rep["strategies"][s]["chosen"] in options
+
+
+def test_the_prior_check_keeps_a_prior_only_when_it_wins_beyond_noise() -> None:
+    from models.eval_search import prior_check
+
+    rng = np.random.default_rng(0)
+    y = [(rng.random(3000) < 0.1).astype(int) for _ in range(2)]
+    informative = [np.clip(0.1 + 0.08 * (2 * t - 1) + rng.normal(0, 0.05, len(t)), 0.01, 0.99) for t in y]
+    noise = [rng.random(len(t)) for t in y]
+    assert prior_check(y, informative, noise)["keep_prior"]
+    assert not prior_check(y, noise, informative)["keep_prior"]
+    assert not prior_check(y, informative, informative)["keep_prior"]  # a tie keeps no prior
+    a, b = ([p + rng.normal(0, 0.02, len(p)) for p in informative] for _ in range(2))  # equally good
+    c = prior_check(y, a, b)
+    assert c["ci95"][0] < 0 < c["ci95"][1] and not c["keep_prior"]
+
+
+def test_ddp_falls_back_to_fine_tuning_when_validation_cannot_see_its_prior_help() -> None:
+    """Labels carry no signal: the prior cannot earn its place on validation, so ``ddp`` takes its
+    no-prior point, which is fine-tuning's configuration at ddp's chosen settings."""
+    cols = Columns("time", "clicked", ["ad", "user"], ["pos"])
+    df = prepare_frame(drift_frame(4, periods=6, per_period=600), cols)
+    df["clicked"] = (np.random.default_rng(1).random(len(df)) < 0.2).astype(int)
+    ec = _small(strategies=("finetune", "ddp"), search_trials=2, fp="count")
+    rep, _ = run_protocol(df, cols, ec)
+    d = rep["strategies"]["ddp"]
+    check = d["prior_check"]
+    assert not check["keep_prior"] and check["ci95"][0] <= 0, check
+    assert len(d["search"]) == 2 and d["chosen"] == check["settings"]  # outside the trial budget
+    assert d["chosen"]["fp"] == "off" and d["chosen"]["mp"] == "off"
+    chosen = replace(ec, **d["chosen"])
+    assert strategy_config("ddp", chosen, cols, 0) == strategy_config("finetune", chosen, cols, 0)
+    # switched off, the check leaves ddp with its prior
+    rep_off, _ = run_protocol(df, cols, replace(ec, prior_check="off"))
+    assert "prior_check" not in rep_off["strategies"]["ddp"]
+    assert rep_off["strategies"]["ddp"]["chosen"].get("fp", "count") != "off"
 
 
 @pytest.mark.parametrize("mode,window,expect", [("expanding", None, lambda t: 0), ("sliding", 2, lambda t: t - 1)])
