@@ -241,7 +241,10 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
                      "--registry-dir", str(registry_dir), "--repo-dir", str(repo_dir)]
         if cfg.rewrite:
             serve_cmd += ["--lexicon", "--rewrite-model", "rewriter", "--gram-model", "gram"]
-        _spawn(loop, "serve", serve_cmd)
+        # the impression spool of this run only: a spool left by another run holds impressions of
+        # other topics (a service adopts what it finds in its spool directory)
+        _spawn(loop, "serve", serve_cmd,
+               {**loop.env, "ADSTREAM_SERVE__IMPRESSION_SPOOL_DIR": str(root / "impression-spool")})
         url = f"http://127.0.0.1:{ports['serve']}"
         say(f"workers: joiner ({cfg.joiner_runtime} runtime), feature updater, trainer, service on {url}; "
             f"logs in {root / 'logs'}")

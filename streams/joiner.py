@@ -25,6 +25,7 @@ from core.events import Click, Conversion, Impression, dead_letter_record, decod
 from core.logs import setup_logging, verbosity_from_env
 from core.metrics import WorkerMetrics
 from core.settings import Settings
+from streams import join_offsets
 from streams.join import CLICK, CONVERSION, IMPRESSION, DeadLetter, InputProgress, JoinOutput, JoinState
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def build_app(
                       max_pending=settings.join.max_pending)
     max_future_s = settings.join.max_future_s
     progress = InputProgress(IDLE_AFTER_S)  # which inputs are read to their end
-    committed: dict[tuple[str, int], int] = {}  # what this worker committed last
+    committed: dict[tuple[str, int], tuple[int, str]] = {}  # (offset, metadata) this worker committed last
     # next offset to process per topic-partition; records off this sequence are ignored (neither
     # processed nor committed): they are stale copies fetched before a rebalance's seek.
     expected_next: dict[tuple[str, int], int | None] = {}
@@ -131,11 +132,15 @@ def build_app(
         offsets = {}
         for (kind, part), off in committable.items():
             tp = TP(topic_of_kind[kind], part)
-            if tp in assignment and off > committed.get((kind, part), -1):
-                offsets[tp] = off
-        if offsets and await app.consumer._commit(offsets):
-            for tp, off in offsets.items():
-                committed[(kind_of_topic[tp.topic], tp.partition)] = off
+            if tp not in assignment:
+                continue
+            meta = join_offsets.encode(off, state.done_runs(kind, part, off))
+            last = committed.get((kind, part))
+            if last is None or off > last[0] or (off == last[0] and meta != last[1]):
+                offsets[tp] = (off, meta)
+        if offsets and await commit_with_metadata(app, offsets):
+            for tp, (off, meta) in offsets.items():
+                committed[(kind_of_topic[tp.topic], tp.partition)] = (off, meta)
         clock["last_commit"] = now
 
     def update_idle(partitions) -> None:
@@ -178,9 +183,16 @@ def build_app(
                 records_in[msg.topic].inc()
                 if msg.timestamp:
                     latency.observe(max(0.0, now - msg.timestamp))
+                # the record's own timestamp is the clock: the same answer when it is read again
+                t_rec = msg.timestamp if msg.timestamp and msg.timestamp > 0 else now
+                if state.told_done and state.is_done(kind, msg.partition, msg.offset):
+                    try:  # done by an earlier owner: only its position and event time count
+                        et = decode(msg.value, expected[kind], now=t_rec, max_future_s=max_future_s).event_time
+                    except InvalidRecord:
+                        et = None
+                    state.skip_done(kind, msg.partition, msg.offset, et)
+                    continue
                 try:
-                    # the record's own timestamp is the clock: the same answer when it is read again
-                    t_rec = msg.timestamp if msg.timestamp and msg.timestamp > 0 else now
                     ev = decode(msg.value, expected[kind], now=t_rec, max_future_s=max_future_s)
                 except InvalidRecord as err:
                     state.skip(kind, msg.partition, msg.offset)
@@ -229,11 +241,63 @@ def build_app(
                 # nothing committed yet: accept the first record delivered (the log start)
                 expected_next[(tp.topic, tp.partition)] = off if off is not None and off >= 0 else None
                 start[(kind_of_topic[tp.topic], tp.partition)] = expected_next[(tp.topic, tp.partition)]
+        skipped = 0
+        for tp, (off, meta) in (await committed_metadata(app, [tp for tp in assigned
+                                                                if tp.topic in kind_of_topic])).items():
+            if meta and off is not None and off >= 0 and seeked.get(tp) == off:
+                runs = join_offsets.decode(off, meta)
+                state.set_done(kind_of_topic[tp.topic], tp.partition, runs)
+                skipped += sum(b - a for a, b in runs)
         progress.reset(time.monotonic(), start)
-        log.info("assigned partitions %s; state rebuilt from committed offsets",
-                 sorted({tp.partition for tp in assigned if tp.topic in kind_of_topic}))
+        log.info("assigned partitions %s; state rebuilt from committed offsets (%d records above them "
+                 "already done)", sorted({tp.partition for tp in assigned if tp.topic in kind_of_topic}), skipped)
 
     return app
+
+
+async def commit_with_metadata(app, offsets) -> bool:
+    """Commit ``{TP: (offset, metadata)}`` through faust's aiokafka consumer (faust's own commit
+    writes no metadata); False when the commit failed (the next one tries again)."""
+    from aiokafka.structs import OffsetAndMetadata
+    from aiokafka.structs import TopicPartition as AioTP
+
+    thread = app.consumer._thread
+    aio = thread._ensure_consumer()
+
+    async def do() -> bool:
+        await aio.commit({AioTP(tp.topic, tp.partition): OffsetAndMetadata(off, meta)
+                          for tp, (off, meta) in offsets.items()})
+        return True
+
+    try:
+        return await thread.call_thread(do)
+    except Exception as e:  # noqa: BLE001 - a rebalance in progress: the next owner re-reads, harmlessly
+        log.warning("commit failed: %s", e)
+        return False
+
+
+async def committed_metadata(app, tps) -> dict:
+    """``{TP: (offset, metadata)}`` committed for ``tps`` (empty when it cannot be read: the join is
+    then correct, only noisier, see streams/join_offsets.py)."""
+    from aiokafka.structs import TopicPartition as AioTP
+
+    if not tps:
+        return {}
+    thread = app.consumer._thread
+    aio = thread._ensure_consumer()
+
+    async def do():
+        return await aio._coordinator.fetch_committed_offsets({AioTP(tp.topic, tp.partition) for tp in tps})
+
+    try:
+        got = await thread.call_thread(do)
+    except Exception as e:  # noqa: BLE001
+        log.warning("committed offset metadata unavailable (%s): records above the committed offsets are "
+                    "read again", e)
+        return {}
+    by_key = {(tp.topic, tp.partition): tp for tp in tps}
+    return {by_key[(a.topic, a.partition)]: (om.offset, om.metadata) for a, om in got.items()
+            if (a.topic, a.partition) in by_key}
 
 
 async def publish_outputs(out: JoinOutput, send_example, send_dead) -> JoinOutput | None:

@@ -5,6 +5,7 @@ started again with its data). A spool left by a stopped process is adopted by th
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import pytest
@@ -31,6 +32,10 @@ def send_paced(sink: KafkaEventSink, topic: str, start: int, n: int, seconds: fl
 
 
 def test_a_broker_outage_longer_than_the_timeout_loses_no_impression(fresh_broker, topic_names, tmp_path):
+    """4 s of traffic while the broker is down (4x the message timeout here); the issue's hand drill
+    (2 minutes at 75 records/s): ADSTREAM_TEST_OUTAGE_S=120 pytest tests/test_event_sink.py -k outage."""
+    outage_s = float(os.environ.get("ADSTREAM_TEST_OUTAGE_S", "4"))
+    n_down = int(75 * outage_s)
     b = fresh_broker.start()
     topic = topic_names.impressions
     create_topics(b.bootstrap, [topic], 2)
@@ -40,13 +45,13 @@ def test_a_broker_outage_longer_than_the_timeout_loses_no_impression(fresh_broke
         wait_for(lambda: sink.delivered == 50, 30, what="first records delivered")
         fresh_broker.stop()
         t_down = time.monotonic()
-        sent += send_paced(sink, topic, 50, 300, 4.0)  # 4 s of traffic, 4x the message timeout
-        wait_for(lambda: sink.spooled_records >= 300, 20, what="undelivered records spooled")
+        sent += send_paced(sink, topic, 50, n_down, outage_s)
+        wait_for(lambda: sink.spooled_records >= n_down, 20, what="undelivered records spooled")
         assert sink.dropped == 0 and time.monotonic() - t_down > 1.0
         fresh_broker.start()
-        sent += send_paced(sink, topic, 350, 50, 1.0)  # traffic goes on while the spool drains
+        sent += send_paced(sink, topic, 50 + n_down, 50, 1.0)  # traffic goes on while the spool drains
         wait_for(lambda: sink.pending == 0, 90, interval_s=0.5, what="spool drained")
-        assert sink.dropped == 0 and sink.spooled >= 300 and sink.drained >= 300
+        assert sink.dropped == 0 and sink.spooled >= n_down and sink.drained >= n_down
         got = values_on(b.bootstrap, topic)
         assert set(got) == set(sent), f"{len(set(sent) - set(got))} of {len(sent)} lost"
         assert len(got) - len(set(got)) <= 10, "duplicates only from a lost acknowledgement"

