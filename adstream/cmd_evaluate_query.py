@@ -33,7 +33,9 @@ def register(subparsers: Any) -> None:
             "micro-F1, macro-F1 and tail macro-F1 (the rarest half of the labels by training count), "
             "mean ± std over seeds. Writes DIR/report.json and DIR/report.png and prints a table. "
             "Variants: baseline, label, semi, gcn, smgcn, ssuf; remove or add modules with -/+ "
-            "(ssuf-ke, ssuf-hier, smgcn+hier; modules ke, le, semi, se, label, coo, sim, hier)."
+            "(ssuf-ke, ssuf-hier, smgcn+hier; modules ke, le, semi, se, label, coo, sim, hier); "
+            "counts: the serving fallback's rule (query words vote for the labels of the training rows "
+            "that contain them), no encoder."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -50,7 +52,7 @@ def register(subparsers: Any) -> None:
                    help="columns with click statistics per row (items separated by '|'); default: columns "
                         "named knowledge*/clicked_categories/clicked_brands/clicked_titles; 'none' to ignore")
     p.add_argument("--label-info", metavar="FILE", help="CSV label,text: side information per label (LE module)")
-    p.add_argument("--variants", default="baseline,smgcn,ssuf", help="comma list of variants")
+    p.add_argument("--variants", default="counts,baseline,smgcn,ssuf", help="comma list of variants")
     p.add_argument("--seeds", type=int, default=3, help="repetitions (splits and initialisations)")
     p.add_argument("--trials", type=int, default=6, help="hyper-parameter settings tried per variant and seed")
     p.add_argument("--val-fraction", type=float, default=0.2)

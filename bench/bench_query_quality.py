@@ -18,7 +18,10 @@ label to evaluate against, so it is listed as skipped.
 
 Every dataset goes through :func:`models.query.evaluate.evaluate` (the code of ``adstream
 evaluate-query``). Writes per dataset and variant the mean ± std over seeds of micro-, macro-,
-tail-, seen- and unseen-label macro-F1, the zero-shot Recall@1/5, and the chosen settings.
+tail-, seen- and unseen-label macro-F1, the zero-shot Recall@1/5, and the chosen settings. A run
+of other variants on the same splits (same seeds) adds them to the dataset's earlier results; each
+variant records the command that produced it. ``counts`` is the counts baseline
+(``models/query/counts.py``).
 
 usage: python bench/bench_query_quality.py [--datasets synthetic,wands,bestbuy] [--seeds 3]
        [--trials 4] [--variants ...] [--out bench/results/query_quality.json]
@@ -113,7 +116,7 @@ DATASETS = {"synthetic": synthetic, "wands": wands, "bestbuy": bestbuy}
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", default="synthetic,wands,bestbuy")
-    ap.add_argument("--variants", default="baseline,label,smgcn,ssuf,ssuf-ke,ssuf-le,ssuf-se,ssuf-semi")
+    ap.add_argument("--variants", default="counts,baseline,label,smgcn,ssuf,ssuf-ke,ssuf-le,ssuf-se,ssuf-semi")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--max-epochs", type=int, default=60)
@@ -152,6 +155,16 @@ def main(argv=None) -> int:
             agg["variants"][v] = {k: {"mean": float(np.nanmean([x[k] for x in rows])),
                                       "std": float(np.nanstd([x[k] for x in rows]))} for k in METRICS}
             agg["variants"][v]["per_seed"] = rows
+        agg["command"] = " ".join(["python", "bench/bench_query_quality.py", *(argv if argv is not None else sys.argv[1:])])
+        prev = result["datasets"].get(name) or {}
+        if prev.get("seeds") == agg["seeds"] and prev.get("data") == agg["data"]:
+            # the same splits: a run of other variants adds to the earlier ones (each keeps its command)
+            for v, r in prev.get("variants", {}).items():
+                r.setdefault("command", prev.get("command", "not recorded"))
+            for r in agg["variants"].values():
+                r["command"] = agg["command"]
+            agg["variants"] = {**prev.get("variants", {}), **agg["variants"]}
+            agg["seconds"] = {"this_run": agg["seconds"], "earlier": prev.get("seconds")}
         result["datasets"][name] = agg
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=2, default=float))

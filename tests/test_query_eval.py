@@ -65,13 +65,34 @@ def test_single_label_tsv_without_clicks_switches_knowledge_off(tmp_path, capsys
     train = write(tmp_path / "train.tsv", rows[: len(rows) * 2 // 3], "\t")
     test = write(tmp_path / "test.tsv", rows[len(rows) * 2 // 3:], "\t")
     rc = main(["evaluate-query", "--train", str(train), "--test", str(test), "--text-col", "q",
-               "--label-col", "cls", "--variants", "baseline,ssuf", "--out", str(tmp_path / "o"), *FAST])
+               "--label-col", "cls", "--variants", "counts,baseline,ssuf", "--out", str(tmp_path / "o"), *FAST])
     assert rc == 0
     err = capsys.readouterr().err
     assert "knowledge module: off" in err
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert any("knowledge module off" in n for n in rep["notes"])
     assert rep["zero_shot"]["recall@1"] > rep["zero_shot"]["chance@1"]
+    c = rep["variants"]["counts"]
+    assert c["modules"] == {} and len(c["per_seed"]) == 2
+    assert c["per_seed"][0]["params"]["weighting"] in ("raw", "share")
+    assert c["macro_f1"] > 0.8  # 4 classes whose test texts share words with their training texts (all 4 would give 0.4)
+
+
+def test_counts_baseline_votes_by_shared_words():
+    from models.query.counts import CountsBaseline, fit_counts
+
+    q = ["red running shoes", "running shoes", "trail shoes", "oak table", "glass table", "coffee table", "table"]
+    y = [[0], [0], [0], [1], [1], [1], [1]]
+    m = CountsBaseline(3, "raw").fit(q, y)
+    assert m.predict(["blue running shoes", "round table", "zzz unknown"]) == [{0}, {1}, {1}]  # unknown: most frequent
+    assert list(m.scores(["running table"])[0]) == [0.5, 1.0, 0.0]  # running: 2 votes for 0, table: 4 for 1
+    # "share": each word's votes sum to one, so a word seen with every label does not drown a specific one
+    q2 = ["cheap shoes", "cheap table", "cheap lamp", "cheap lamp", "cheap rug", "desk lamp"]
+    y2 = [[0], [1], [2], [2], [2], [2]]
+    assert CountsBaseline(3, "raw").fit(q2, y2).predict(["cheap shoes"]) == [{2}]
+    assert CountsBaseline(3, "share").fit(q2, y2).predict(["cheap shoes"]) == [{0}]
+    best, v = fit_counts(q, y, ["blue shoes", "pine table"], [[0], [1]], 3, "macro_f1")
+    assert v == 1.0 and best.predict(["blue shoes", "pine table"]) == [{0}, {1}]
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):

@@ -197,7 +197,7 @@ def test_a_miss_over_the_budget_is_served_by_counts_and_cached_for_next_time(pub
         q = "some tents never seen before"
         cats, deg, ver = clf.understand(q, [])
         assert deg and ver == "counts" and clf.cache_stats()["over_budget"] == 1
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # the late answer: 0.2 s of sleep + a forward pass on a loaded machine
         while time.monotonic() < deadline:
             cats, deg, ver = clf.understand(q, [])
             if not deg:

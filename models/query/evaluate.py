@@ -9,6 +9,10 @@ seeds, plus zero-shot label-semantic Recall@1/5 of the untrained encoder.
 
 The label space is every label of the train, validation and test files (the taxonomy): a label
 with no training row can only be predicted through its name.
+
+Besides the SSUF variants, ``counts`` is the serving fallback's rule on the training rows (words of
+the query vote for the labels of the training rows containing them; ``models/query/counts.py``):
+no encoder, its weighting and decision rule chosen on the same validation rows.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from models.query.ssuf import SSUFConfig, variant_config
 
 log = logging.getLogger(__name__)
 
+COUNTS = "counts"  # the counts baseline (models/query/counts.py), not an SSUF variant
 METRICS = ("micro_f1", "macro_f1", "tail_macro_f1", "seen_macro_f1", "unseen_macro_f1")
 COMMON_SPACE: dict[str, list[Any]] = {"lr": [3e-4, 1e-3, 3e-3, 1e-2], "weight_decay": [0.0, 1e-4, 1e-2],
                                       "dropout": [0.0, 0.1, 0.3]}
@@ -62,6 +67,8 @@ class EvalConfig:
         if not self.variants:
             raise ConfigError("no variants to evaluate")
         for v in self.variants:
+            if v == COUNTS:
+                continue
             try:
                 variant_config(v)
             except ValueError as e:
@@ -169,6 +176,18 @@ def evaluate(train: Table, test: Table, cfg: EvalConfig, features=None, val: Tab
         enc0 = build_encoder(cfg.encoder, features=features)
         zs.append(zero_shot(enc0, space, test_d))
         for v in cfg.variants:
+            if v == COUNTS:
+                from models.query.counts import fit_counts
+
+                cb, val_metric = fit_counts(tr_d.queries, tr_d.labels, va_d.queries, va_d.labels, space.n_leaves,
+                                            cfg.select)
+                m = f1_scores(cb.predict(test_d.queries), test_d.labels, counts)
+                m.update({"val": val_metric, "threshold": cb.threshold, "max_labels": cb.max_labels, "seed": seed,
+                          "params": {"weighting": cb.weighting}})
+                results[v].append(m)
+                if progress is not None:
+                    progress(cfg.trials)
+                continue
             base = adapt_variant(v, has_k, space.has_hierarchy, notes, seed=seed, max_epochs=cfg.max_epochs,
                                  patience=cfg.patience, dropout=cfg.encoder.dropout)
             best = None
@@ -196,7 +215,7 @@ def evaluate(train: Table, test: Table, cfg: EvalConfig, features=None, val: Tab
               "config": {**asdict(cfg), "encoder": cfg.encoder.to_dict()}}
     for v, rs in results.items():
         agg = _agg(rs, METRICS)
-        modules = variant_config(v).modules
+        modules = {} if v == COUNTS else variant_config(v).modules
         report["variants"][v] = {**{k: agg[k] for k in METRICS}, "std": agg["std"], "per_seed": rs,
                                  "modules": modules}
     return report
