@@ -276,7 +276,7 @@ class ServeSettings(BaseModel):
     query_cache_size: int = Field(10_000, ge=0)  # head queries cached per served version
     # a cache miss the query classifier cannot answer within this budget is served by counts (degraded,
     # `query_understanding`) and cached when the model's answer arrives; None = wait for the model
-    query_budget_ms: float | None = Field(5.0, gt=0)
+    query_budget_ms: float | None = Field(3.0, gt=0)  # docs/query.md §6: p99 of the stage ≤ 5 ms needs ~2 ms of headroom
     query_categories: int = Field(2, ge=1)  # predicted categories that feed the index's category match
     max_body_bytes: int = Field(16 * 1024, ge=256)
     parallel_ranking: bool = True  # Peri-CR: the creative ranker runs beside the ad ranker
