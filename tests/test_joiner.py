@@ -55,12 +55,12 @@ def runtime(request):
     return request.param
 
 
-def start_joiner(bootstrap, prefix, app_id, log_path, idle_flush=3.0, runtime="faust"):
+def start_joiner(bootstrap, prefix, app_id, log_path, idle_flush=3.0, runtime="faust", env_extra=None):
     cmd = [sys.executable, "-m", "streams.joiner", "--bootstrap", bootstrap, "--topic-prefix", prefix,
            "--app-id", app_id, "--window", str(WINDOW), "--lateness", str(LATENESS), "--runtime", runtime]
     if idle_flush is not None:
         cmd += ["--idle-flush", str(idle_flush)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
     return subprocess.Popen(cmd, cwd=Path(log_path).parent, env=env, stdout=open(log_path, "ab"),
                             stderr=subprocess.STDOUT)
 
@@ -205,6 +205,56 @@ def test_bad_input_goes_to_dead_letter_and_the_rest_is_unaffected(bootstrap, top
     for d in dead:
         assert d["topic"] == topic_names.clicks and d["detail"]
     assert labels(by_key) == exp
+
+
+def test_a_full_join_state_dead_letters_the_overflow_and_loses_nothing_else(bootstrap, topic_names, unique_topic_prefix,
+                                                                           tmp_path, runtime):
+    """join.max_pending far below the open impressions of the stream: the worker keeps running, each
+    impression comes out exactly once as an example or as a ``state_full`` dead letter, and every
+    input offset is committed to the end (the overflow never stalls the join)."""
+    events = world_slice(seed=16, duration=120.0, rps=3.0)
+    exp = expected_examples(events)
+    n_imps = sum(1 for e in events if isinstance(e, Impression))
+    assert len(exp) == n_imps > 200
+    setup_topics(bootstrap, topic_names)
+    replay(events, bootstrap, topic_names, progress=False)
+    app_id = unique_topic_prefix + "joiner"
+    j = start_joiner(bootstrap, unique_topic_prefix, app_id, tmp_path / "j.log", runtime=runtime,
+                     env_extra={"ADSTREAM_JOIN__MAX_PENDING": "300"})
+
+    def outcome():
+        by_key = {}
+        for k, v, *_ in read_topic(bootstrap, topic_names.examples, 10, 0.3):
+            by_key.setdefault(k.decode(), []).append(v)
+        dead = [json.loads(v) for _, v, *_ in read_topic(bootstrap, topic_names.dead_letter, 10, 0.3)]
+        full = [d for d in dead if d["reason"] == "state_full"]
+        full_imps = [d for d in full if d["topic"] == topic_names.impressions]
+        return by_key, dead, full, full_imps
+
+    def accounted():
+        by_key, _, _, full_imps = outcome()
+        keys = set(by_key) | {"{request_id}:{ad_id}".format(**json.loads(d["payload"])) for d in full_imps}
+        return keys >= set(exp)
+
+    try:
+        wait_for(accounted, 120, interval_s=1.0, what="every impression an example or a state_full dead letter")
+        wait_for(lambda: committed_total(bootstrap, app_id, topic_names.impressions) == n_imps, 60, interval_s=0.5,
+                 what="every impression offset committed")
+        assert j.poll() is None, "the worker must survive a full join state"
+        by_key, dead, full, full_imps = outcome()
+    finally:
+        stop(j)
+    dropped = ["{request_id}:{ad_id}".format(**json.loads(d["payload"])) for d in full_imps]
+    assert full_imps, "the bound was never reached: the test proves nothing"
+    assert len(dropped) == len(set(dropped)), "an impression dead-lettered twice"
+    assert set(by_key).isdisjoint(dropped), "an impression both emitted and dead-lettered"
+    assert set(by_key) | set(dropped) == set(exp)
+    assert all(len(set(v)) == 1 for v in by_key.values())
+    assert all(d["detail"] for d in full)
+    # impressions whose clicks were all kept carry the label a recount of the events gives
+    touched = {"{request_id}:{ad_id}".format(**json.loads(d["payload"])) for d in full if d["topic"] != topic_names.impressions}
+    emitted = {k: (json.loads(v[0])["clicked"], json.loads(v[0])["converted"]) for k, v in by_key.items()}
+    assert {k: x for k, x in emitted.items() if k not in touched} == {k: exp[k] for k in emitted if k not in touched}
 
 
 @pytest.mark.parametrize("leave", [False, True])
