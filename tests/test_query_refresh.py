@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,7 @@ from models.query.stats import QueryClickStats
 from models.query.stream import QueryStreamModel
 from models.registry import ModelRegistry
 from online.models import ModelLoader
+from streams.broker import free_port
 from streams.kafka_io import create_topics, make_producer, read_topic
 from streams.query_refresh import decode_snapshot, encode_snapshot, query_worker
 
@@ -131,13 +134,21 @@ def test_a_poisoned_refresh_is_rejected_and_never_served(bootstrap, topic_names,
     assert rej not in [h["version"] for h in reg.history()]  # LATEST never pointed at it
     dead = [json.loads(v) for _k, v, *_ in read_topic(bootstrap, topic_names.dead_letter, timeout_s=20)]
     assert {d["reason"] for d in dead} >= {"malformed_json", "wrong_type"}
+    # Prometheus: versions by gate outcome and the per-version quality on the latest window
+    r = worker.metrics.registry
+    assert r.get_sample_value("adstream_trainer_gate_decisions_total", {"name": NAME, "outcome": "reject"}) == 1
+    assert r.get_sample_value("adstream_trainer_gate_decisions_total", {"name": NAME, "outcome": "publish"}) >= 5
+    for model in ("candidate", "serving"):
+        f1 = r.get_sample_value("adstream_trainer_window_score", {"name": NAME, "model": model, "metric": "f1"})
+        assert f1 is not None and 0.5 < f1 <= 1.0, (model, f1)
 
 
 # ---- the full chain -----------------------------------------------------------------------------
-def start_refresh(bootstrap, config: Path, log_path: Path) -> subprocess.Popen:
+def start_refresh(bootstrap, config: Path, log_path: Path, metrics_port: int) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen([sys.executable, "-m", "streams.query_refresh", "refresh", "--bootstrap", bootstrap,
-                             "--config", str(config), "--app-id", f"qr-{config.parent.name}"],
+                             "--config", str(config), "--app-id", f"qr-{config.parent.name}",
+                             "--metrics-port", str(metrics_port)],
                             cwd=ROOT, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
 
 
@@ -169,7 +180,8 @@ def test_served_version_follows_a_moved_query(bootstrap, topic_names, tmp_path):
     target = "home/sofas"
     bad = [(b"bad", b"\xff\xfe not json"), (b"bad", encode(example_of(recs[0])).replace(b'"clicked":', b'"clicked":"x","c":'))]
     produce(bootstrap, topic_names.examples, [(f"{r['request_id']}:{r['ad_id']}", encode(example_of(r))) for r in recs] + bad)
-    agent = start_refresh(bootstrap, cfg, tmp_path / "refresh.log")
+    metrics_port = free_port()
+    agent = start_refresh(bootstrap, cfg, tmp_path / "refresh.log", metrics_port)
     stop_ev = threading.Event()
     worker = query_worker(s, bootstrap)
     th = threading.Thread(target=worker.run, args=(stop_ev,), daemon=True)
@@ -213,6 +225,13 @@ def test_served_version_follows_a_moved_query(bootstrap, topic_names, tmp_path):
         delay = time.monotonic() - t_move
         assert delay < interval_s, f"served version still says {top} after {delay:.0f}s; windows {windows(s)[-3:]}"
         assert agent.poll() is None, "the refresh agent died"
+        # the refresh agent's Prometheus metrics: snapshots produced, queries held, refresh lag
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        samples = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines()
+                   if ln.startswith("adstream_query_refresh_")}
+        assert samples.get("adstream_query_refresh_snapshots_total", 0) > 0, samples
+        assert samples.get("adstream_query_refresh_queries", 0) > 0, samples
+        assert math.isfinite(samples.get("adstream_query_refresh_lag_seconds", math.nan)), samples
     finally:
         loader.stop()
         stop_ev.set()
