@@ -41,7 +41,7 @@ from models.ctr.model import CTRConfig, FieldConfig
 from models.ctr.train_loop import CTRLearner
 from models.eval_data import Columns, check_sorted, load_frame, prepare_frame, read_table, time_to_float
 from models.eval_report import format_table, paired_difference, summarise, write_report
-from models.eval_search import NO_PRIOR, best_trial, prior_check, stage1, stage2
+from models.eval_search import NO_PRIOR, OWN, best_trial, prior_check, stage1, stage2
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,8 @@ def search(
         out[name] = {"chosen": r[best]["settings"], "trial": best, "val_auc": r[best]["val_auc"], "trials": r,
                      "consensus_trial": consensus, "consensus_mean_auc": means[consensus]}
         if _checks_prior(name, ec):  # the no-prior point: one more validation run, outside the trial budget
-            off = {**r[best]["settings"], **NO_PRIOR[name]}
+            own = {p.name for p in OWN[name]}  # the prior's own settings: inert once it is off
+            off = {**{k: v for k, v in r[best]["settings"].items() if k not in own}, **NO_PRIOR[name]}
             recs, _ = run_strategy(name, replace(ec, **off), cols, df_parts, bounds, ec.base_seed, scored)
             if progress:
                 progress(1)
