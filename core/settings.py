@@ -182,6 +182,7 @@ class CreativeSettings(BaseModel):
     gate_nsctr_margin: float = Field(0.01, ge=0)
     gate_auc_margin: float = Field(0.01, ge=0)
     gate_logloss_margin: float = Field(0.01, ge=0)
+    gate_calibration_margin: float = Field(0.4, ge=0)  # AR+ is a CTR model: its gate has the calibration criteria
     joint: str = Field("all", pattern="^(all|each)$")  # publish AR+ and CR+ together, or each on its own
     on_reject: str = Field("reset", pattern="^(reset|continue)$")
     max_windows: int | None = Field(None, ge=1)

@@ -61,7 +61,8 @@ def worker_config(settings: Settings) -> WorkerConfig:
         topic=settings.kafka.topics.examples, dead_letter_topic=settings.kafka.topics.dead_letter,
         registry_dir=cs.registry_dir, checkpoint_dir=cs.checkpoint_dir, window_examples=cs.window_examples,
         window_seconds=cs.window_seconds, min_window=cs.min_window, on_reject=cs.on_reject, joint=cs.joint,
-        gate_margins={"nsctr": cs.gate_nsctr_margin, "auc": cs.gate_auc_margin, "logloss": cs.gate_logloss_margin},
+        gate_margins={"nsctr": cs.gate_nsctr_margin, "auc": cs.gate_auc_margin, "logloss": cs.gate_logloss_margin,
+                      "overprediction": cs.gate_calibration_margin, "underprediction": cs.gate_calibration_margin},
         dedup_horizon_s=dedup_horizon_s(settings), dedup_max_keys=settings.trainer.dedup_max_keys,
         max_windows=cs.max_windows, idle_exit_s=cs.idle_exit_s, group_id=GROUP_ID, worker=WORKER)
 

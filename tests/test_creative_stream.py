@@ -53,7 +53,7 @@ def test_jac_job_publishes_both_halves_per_window(bootstrap, topic_names, tmp_pa
     exs = content_examples(3200)
     produce(bootstrap, topic_names.examples, exs[:2400] + exs[100:150], extra=BAD_RECORDS)
     settings = settings_for(bootstrap, topic_names, tmp_path, joint="each", gate_nsctr_margin=1.0,
-                            gate_auc_margin=1.0, gate_logloss_margin=1.0)
+                            gate_auc_margin=1.0, gate_logloss_margin=1.0, gate_calibration_margin=10.0)
     out = run_creative_trainer(settings, metrics_port=0)
     assert out["reason"] == "idle" and out["windows"] == 3 and out["examples_trained"] == 2400
     assert out["duplicates"] == 50 and out["dead_letters"] == len(BAD_RECORDS)

@@ -148,7 +148,7 @@ def test_crash_between_checkpoints_resumes_exactly(bootstrap, topic_names, tmp_p
     produce(bootstrap, topic_names.examples, exs)
     # wide margins: every candidate is published, so window 3's decision moves LATEST before the crash
     settings = make_settings(bootstrap, topic_names, tmp_path, window_examples=300, min_window=50,
-                             gate_auc_margin=1.0, gate_logloss_margin=10.0)
+                             gate_auc_margin=1.0, gate_logloss_margin=10.0, gate_calibration_margin=10.0)
 
     def crash_at(k):
         def hook(rec):
