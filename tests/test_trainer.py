@@ -208,9 +208,11 @@ def test_kill_9_and_sigterm_resume(bootstrap, topic_names, tmp_path, one_torch_t
     log = open(tmp_path / "run.log", "wb")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and n_windows() < 2:
+    ckpt = Path(settings.trainer.checkpoint_dir) / "checkpoint.pkl"
+    while time.monotonic() < deadline and proc.poll() is None and (n_windows() < 2 or not ckpt.exists()):
         time.sleep(0.05)
     assert proc.poll() is None, "the trainer finished before it could be killed; use more examples"
+    assert ckpt.exists(), "kill -9 only after a checkpoint (offsets and model) was written"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(60)
     log.close()
