@@ -164,7 +164,6 @@ def test_readme_bringup_by_hand(tmp_path: Path) -> None:
                 assert f"bootstrap=127.0.0.1:{ports['broker']}" in out and "running" in out, out
             if "topics list" in line:
                 assert all(re.search(rf"^{t}\t6$", out, re.M) for t in ("impressions", "clicks", "examples")), out
-        t0 = time.monotonic()
         for line in blocks("parts"):
             out = sh.run(line, timeout=600)
             if "simulate-traffic" in line:
@@ -191,7 +190,6 @@ def test_readme_bringup_by_hand(tmp_path: Path) -> None:
         assert "TBE=" not in logs["serve"] and "TBE=" not in logs["train"]
         codes = sh.stop()
         assert all(c == 0 for c in codes.values()), (codes, sh.logs_tail())
-        print(f"bring-up from replay to healthy: {time.monotonic() - t0:.0f}s")
     finally:
         sh.stop()
         if broker_started:
