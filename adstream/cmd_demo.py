@@ -48,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="leave out the query classifier (refresh agent, model worker, watched queries)")
     p.add_argument("--no-rewrite", action="store_true",
                    help="without the MoBGM rewriter and GRAM (and the world's tail queries); docs/rewrite.md")
+    p.add_argument("--positives-at-close", action="store_true",
+                   help="emit positives only when their attribution window closes, not at the click "
+                   "(docs/speed.md 'Fresher models')")
     p.set_defaults(func=_run)
 
 
@@ -171,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"broker: {broker.kind} on {bootstrap} (started in {time.monotonic() - t0:.1f}s)")
         cfg = LoopConfig(world_seed=args.seed, history_s=args.history, traffic_s=args.traffic, rate=args.rate,
                          join_window_s=args.window, window_examples=args.window_examples, query=not args.no_query,
-                         rewrite=not args.no_rewrite)
+                         rewrite=not args.no_rewrite, positives_at_click=not args.positives_at_close)
         summary = run_loop(s, bootstrap, root, cfg, say=lambda m: print(m, flush=True))
         plot = plot_loop(summary, out_dir / "demo.png")
         out_json = out_dir / "summary.json"

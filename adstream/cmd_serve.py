@@ -47,7 +47,12 @@ def register(subparsers) -> None:
     p.add_argument("--initial-inventory", choices=["topic", "world"], default="topic",
                    help="topic: the index is built from the bidword-inventory topic alone (default); "
                         "world: also load the world's initial inventory in-process (needs --world-seed)")
-    p.add_argument("--sequential", action="store_true", help="rank creatives after ads instead of in parallel")
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--sequential", action="store_true",
+                      help="rank creatives after ads (serve.parallel_ranking false; the default)")
+    rank.add_argument("--parallel-ranking", action="store_true",
+                      help="rank creatives beside the ads in a thread (Peri-CR; pays only with a GIL-releasing "
+                      "creative model and a spare core: docs/speed.md)")
     p.add_argument("--creative-content", action="store_true",
                    help="the --world-seed world's creatives carry content (the catalog gives CR+ its cr_* inputs)")
     p.add_argument("--lexicon", action="store_true",
@@ -163,6 +168,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         upd["registry_dir"] = args.registry_dir
     if args.sequential:
         upd["parallel_ranking"] = False
+    if args.parallel_ranking:
+        upd["parallel_ranking"] = True
     if args.rewrite_model is not None:
         upd["rewrite_model"] = args.rewrite_model
     if args.gram_model is not None:

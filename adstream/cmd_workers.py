@@ -15,6 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--app-id", default="adstream-joiner", help="consumer group / faust app id")
     p.add_argument("--window", type=float, help="attribution window in seconds (join.attribution_window_s)")
     p.add_argument("--lateness", type=float, help="allowed lateness in seconds (join.allowed_lateness_s)")
+    p.add_argument("--emit-at-click", action="store_true",
+                   help="emit each positive as an example at its first click, not only when its attribution "
+                   "window closes (join.emit_positives_at_click; docs/speed.md 'Fresher models')")
     p.add_argument("--idle-flush", type=float, metavar="S",
                    help="close every open window after S idle seconds (finite replays, demos)")
     p.add_argument("--runtime", choices=("faust", "kafka"), default="faust",
@@ -35,6 +38,8 @@ def _run(args: argparse.Namespace) -> int:
         upd["attribution_window_s"] = args.window
     if args.lateness is not None:
         upd["allowed_lateness_s"] = args.lateness
+    if args.emit_at_click:
+        upd["emit_positives_at_click"] = True
     if upd:
         s = s.model_copy(update={"join": s.join.model_copy(update=upd)})
     bootstrap = resolve_bootstrap(s)

@@ -61,6 +61,7 @@ class DrillConfig:
     window_s: float = 30.0  # attribution window
     lateness_s: float = 15.0  # > the impression log's message timeout (5 s): spooled records stay on time
     window_examples: int = 250
+    emit_at_click: bool = True  # the joiner emits positives at their click (join.emit_positives_at_click)
     redis_down_s: float = 8.0
     drain_timeout_s: float = 150.0
     # when each fault happens, as a fraction of the traffic time
@@ -239,7 +240,8 @@ def run_drill(root: Path, cfg: DrillConfig | None = None, say: Callable[[str], N
         registry_dir, repo_dir = root / "registry", root / "feature_repo"
         commands = {
             "joiner": [py, "-m", "streams.joiner", "--bootstrap", broker.bootstrap, "--window", str(cfg.window_s),
-                       "--lateness", str(cfg.lateness_s), "--runtime", "kafka", "--metrics-port", str(ports["joiner"])],
+                       "--lateness", str(cfg.lateness_s), "--runtime", "kafka", "--metrics-port", str(ports["joiner"]),
+                       *(["--emit-at-click"] if cfg.emit_at_click else [])],
             "feature_updater": [py, "-m", "streams.feature_updater", "--bootstrap", broker.bootstrap,
                                 "--online-store", "redis", "--redis-url", redis.address, "--repo-dir", str(repo_dir),
                                 "--checkpoint-dir", str(root / "feature_updater"), "--checkpoint-every", "1",
@@ -423,11 +425,19 @@ class AuditContext:
             out.setdefault(f"{e.request_id}:{e.ad_id}", e)
         return out, recs
 
-    def examples(self) -> dict[str, set[bytes]]:
+    def examples(self, stages: tuple[str, ...] = ("full", "close")) -> dict[str, set[bytes]]:
+        """Example records by key: the final ones (``full``, ``close``) unless ``stages`` says
+        otherwise (``("click",)``: the positives emitted at the click)."""
         by_key: dict[str, set[bytes]] = defaultdict(set)
         for k, v, *_ in self.read(self.topics.examples):
             key = k.decode() if isinstance(k, bytes) else str(k)
-            if not key.startswith(POISON_PREFIX):
+            if key.startswith(POISON_PREFIX):
+                continue
+            try:
+                stage = json.loads(v).get("stage", "full")
+            except (ValueError, AttributeError, TypeError):
+                stage = "full"  # unreadable: counted with the final records, where the checks see it
+            if stage in stages:
                 by_key[key].add(v)
         return by_key
 
@@ -481,6 +491,13 @@ class AuditContext:
         return not self.store_mismatches()
 
 
+def _field(raw: bytes, name: str) -> Any:
+    try:
+        return json.loads(raw).get(name, "full" if name == "stage" else None)
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
 def audit(ctx: AuditContext, report: DrillReport) -> None:
     from core.errors import InvalidRecord
     from core.events import Click, decode, record_time
@@ -503,6 +520,21 @@ def audit(ctx: AuditContext, report: DrillReport) -> None:
     report.check("every impression became one example", f"{len(imps)} examples, 0 missing, 0 with 2 contents",
                  f"{len(set(imps) & set(ex))} examples, {len(missing)} missing, {len(conflicting)} with 2 contents",
                  not missing and not conflicting and imps)
+    at_click = ctx.examples(("click",))
+    if cfg.emit_at_click:
+        # every final positive went out at its click too, once, with one content; nothing else did
+        positives = {k for k, vals in ex.items() if any(_field(v, "clicked") == 1 for v in vals)}
+        no_early = positives - set(at_click)
+        spurious = set(at_click) - positives
+        twice = [k for k, vals in at_click.items() if len(vals) > 1]
+        stage_wrong = [k for k in positives if any(_field(v, "stage") != "close" for v in ex[k])]
+        report.check("every positive emitted at its click", f"{len(positives)} positives, 0 missing, 0 spurious, "
+                     "0 with 2 contents", f"{len(positives) - len(no_early)} positives, {len(no_early)} missing, "
+                     f"{len(spurious)} spurious, {len(twice)} with 2 contents, {len(stage_wrong)} final records "
+                     "not marked close", positives and not (no_early or spurious or twice or stage_wrong))
+    else:
+        report.check("no positive emitted at a click (off)", "0 click-stage records", f"{len(at_click)}",
+                     not at_click)
     # labels against a recount of the clicks topic
     clicks: dict[str, list[float]] = defaultdict(list)
     for _k, v, _p, _o, ts in ctx.read(ctx.topics.clicks):
@@ -513,7 +545,7 @@ def audit(ctx: AuditContext, report: DrillReport) -> None:
         clicks[f"{c.request_id}:{c.ad_id}"].append(c.event_time)
     wrong = 0
     for key, imp in imps.items():
-        vals = ex.get(key)
+        vals = ex.get(key, set()) | at_click.get(key, set())
         if not vals:
             continue
         want = int(any(0 <= t - imp.event_time <= cfg.window_s for t in clicks.get(key, ())))

@@ -45,6 +45,7 @@ class LoopConfig:
     click_delay_s: float = 3.0  # mean click delay of the simulated users
     join_window_s: float = 30.0
     lateness_s: float = 5.0
+    positives_at_click: bool = True  # the joiner emits each positive at its click (docs/speed.md "Fresher models")
     window_examples: int = 1500
     compare: str | None = "finetune"
     joiner_runtime: str = "kafka"
@@ -226,7 +227,8 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
                                           "rewrite")}
         _spawn(loop, "joiner", [py, "-m", "streams.joiner", "--bootstrap", bootstrap,
                                 "--window", str(cfg.join_window_s), "--lateness", str(cfg.lateness_s),
-                                "--runtime", cfg.joiner_runtime, "--metrics-port", str(ports["joiner"])])
+                                "--runtime", cfg.joiner_runtime, "--metrics-port", str(ports["joiner"]),
+                                *(["--emit-at-click"] if cfg.positives_at_click else [])])
         _spawn(loop, "feature_updater", [py, "-m", "streams.feature_updater", "--bootstrap", bootstrap,
                                          "--repo-dir", str(repo_dir), "--checkpoint-dir", str(root / "feature_updater"),
                                          "--metrics-port", str(ports["features"])])
@@ -309,15 +311,18 @@ def run_loop(settings, bootstrap: str, root: Path, cfg: LoopConfig | None = None
         loop.stop(["joiner"])
         _spawn(loop, "joiner_drain", [py, "-m", "streams.joiner", "--bootstrap", bootstrap,
                                       "--window", str(cfg.join_window_s), "--lateness", str(cfg.lateness_s),
-                                      "--runtime", cfg.joiner_runtime, "--idle-flush", "3", "--metrics-port", "0"])
+                                      "--runtime", cfg.joiner_runtime, "--idle-flush", "3", "--metrics-port", "0",
+                                      *(["--emit-at-click"] if cfg.positives_at_click else [])])
         want = {(s["request_id"], s["ad_id"]) for s in report.served} if cfg.keep_served else set()
         served_keys = {f"{r}:{a}" for r, a in want}
         # wait for every served impression's example; without that list, give the drain 20 s
         deadline = time.monotonic() + (cfg.drain_timeout_s if want else 20.0)
         examples: dict[str, dict[str, Any]] = {}
         while True:
-            examples = {k.decode() if isinstance(k, bytes) else k: json.loads(v)
-                        for k, v, *_ in read_topic(bootstrap, topics.examples, timeout_s=20, idle_s=0.3)}
+            # the final record of each impression (a positive's click-stage record is not final)
+            examples = {k.decode() if isinstance(k, bytes) else k: d
+                        for k, v, *_ in read_topic(bootstrap, topics.examples, timeout_s=20, idle_s=0.3)
+                        if (d := json.loads(v)).get("stage") != "click"}
             if (want and served_keys <= examples.keys()) or time.monotonic() >= deadline:
                 break
             time.sleep(2)

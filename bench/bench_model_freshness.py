@@ -2,16 +2,19 @@
 
 One process runs the kafka joiner, the stream trainer and the online ``ModelLoader`` (each in its
 own thread, against one broker) while a paced producer writes impressions (event time = now) and
-clicks on 10 % of them 1-5 s later. Every loader swap is recorded with the newest example event
-time the new version trained on (``event_time_range`` in its registry metadata). A click is served
-when the first version whose training data reaches its impression's event time is swapped in:
-latency = that swap - the click's produce time. Clicks no version reached by the end are counted
-(``unserved``), not hidden.
+clicks on 10 % of them 1-5 s later. The trainer writes the keys of every window it trains
+(``windows.jsonl``) and every loader swap is recorded with the window its version was trained
+through (``trained_through_window`` in its registry metadata). A click is served when the first
+version trained on the window that holds its example is swapped in: latency = that swap - the
+click's produce time. Clicks no version reached by the end are counted (``unserved``), not hidden.
 
-Two configurations, one after the other, same traffic: ``demo`` (attribution window 30 s, lateness
-5 s, windows of 1,500 examples, as ``adstream demo``) and ``short`` (window 3 s, lateness 1 s,
-windows of 400 examples): the second measures the rest of the path (window fill, gate, publish,
-loader poll) that positives emitted at click time would leave (docs/speed.md).
+Configurations, one after the other, same traffic:
+
+- ``demo``: attribution window 30 s, lateness 5 s, windows of 1,500 examples, positives emitted when
+  the attribution window closes (the baseline: what the loop did before positives at the click);
+- ``demo-click``: the same, with positives emitted at the click (``join.emit_positives_at_click``,
+  the trainer takes them: ``trainer.train_at_click``) — what ``adstream demo`` runs;
+- ``fast-click``: positives at the click and windows of 300 examples (the path to <= 5 s).
 
     PYTHONPATH=. .venv/bin/python bench/bench_model_freshness.py --seconds 60 --out bench/results/model_freshness.json
 """
@@ -32,8 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = {"demo": dict(window=30.0, lateness=5.0, examples=1500),
-           "short": dict(window=3.0, lateness=1.0, examples=400)}
+CONFIGS = {"demo": dict(window=30.0, lateness=5.0, examples=1500, at_click=False),
+           "demo-click": dict(window=30.0, lateness=5.0, examples=1500, at_click=True),
+           "fast-click": dict(window=30.0, lateness=5.0, examples=300, at_click=True)}
 
 
 def pct(xs, q):
@@ -58,19 +62,20 @@ def run_config(name: str, cfg: dict, bootstrap: str, a, work: Path) -> dict:
     create_topics(bootstrap, topics.all(), partitions=3)
     root = work / name
     settings = Settings(kafka=KafkaSettings(bootstrap=bootstrap, topics=topics, partitions=3),
-                        join=JoinSettings(attribution_window_s=cfg["window"], allowed_lateness_s=cfg["lateness"]),
+                        join=JoinSettings(attribution_window_s=cfg["window"], allowed_lateness_s=cfg["lateness"],
+                                          emit_positives_at_click=cfg["at_click"]),
                         trainer=TrainerSettings(registry_dir=root / "registry", checkpoint_dir=root / "trainer",
                                                 window_examples=cfg["examples"], min_window=50, compare=None))
     stop = threading.Event()
     joiner = KafkaJoiner(settings, bootstrap, app_id=f"bench-mf-{name}-{uuid.uuid4().hex[:4]}")
     jt = threading.Thread(target=joiner.run, daemon=True)
-    tt = threading.Thread(target=lambda: run_trainer(settings, stop, metrics_port=0), daemon=True)
-    swaps: list[tuple[float, float]] = []  # (swap time, newest event time trained on)
+    tt = threading.Thread(target=lambda: run_trainer(settings, stop, metrics_port=0, record_keys=True), daemon=True)
+    swaps: list[tuple[float, int]] = []  # (swap time, window the version was trained through)
 
     def on_swap(_old, new):
-        rng_ = new.meta.get("event_time_range") or [None, None]
-        if rng_[1] is not None:
-            swaps.append((time.time(), float(rng_[1])))
+        k = new.meta.get("trained_through_window")
+        if k is not None:
+            swaps.append((time.time(), int(k)))
 
     (root / "registry").mkdir(parents=True, exist_ok=True)
     loader = ModelLoader(root / "registry", "ctr", poll_s=0.5, on_swap=on_swap)
@@ -79,7 +84,7 @@ def run_config(name: str, cfg: dict, bootstrap: str, a, work: Path) -> dict:
     loader.start()
     rng = random.Random(5)
     p = make_producer(bootstrap, linger_ms=5)
-    clicks: list[tuple[float, float]] = []  # (click produce time, impression event time)
+    clicks: list[tuple[float, str]] = []  # (click produce time, example key)
     due: list[tuple[float, Impression]] = []
     try:
         time.sleep(a.warmup)
@@ -103,7 +108,7 @@ def run_config(name: str, cfg: dict, bootstrap: str, a, work: Path) -> dict:
                 if t_click <= now:
                     c = Click(request_id=imp.request_id, event_time=now, ad_id=imp.ad_id, user_id=imp.user_id)
                     p.produce(topics.clicks, encode(c), key=c.key)
-                    clicks.append((now, imp.event_time))
+                    clicks.append((now, f"{imp.request_id}:{imp.ad_id}"))
                 else:
                     keep.append((t_click, imp))
             due = keep
@@ -127,15 +132,26 @@ def run_config(name: str, cfg: dict, bootstrap: str, a, work: Path) -> dict:
         loader.stop()
         jt.join(60)
         tt.join(120)
-    lat, unserved = [], 0
-    for t_click, t_imp in clicks:
-        served = next((s for s, newest in swaps if newest >= t_imp and s >= t_click), None)
+    window_of: dict[str, int] = {}
+    wpath = root / "trainer" / "windows.jsonl"
+    for line in (wpath.read_text().splitlines() if wpath.exists() else []):
+        row = json.loads(line)
+        for k in row.get("keys") or ():
+            window_of.setdefault(k, int(row["window"]))
+    swaps.sort()
+    lat, unserved, untrained = [], 0, 0
+    for t_click, key in clicks:
+        w = window_of.get(key)
+        if w is None:
+            untrained += 1
+            continue
+        served = next((s for s, k in swaps if k >= w), None)
         if served is None:
             unserved += 1
         else:
-            lat.append(served - t_click)
+            lat.append(max(0.0, served - t_click))
     return {"config": cfg, "rate_impressions_per_s": a.rate, "seconds": a.seconds, "clicks": len(clicks),
-            "served": len(lat), "unserved": unserved, "swaps": len(swaps),
+            "served": len(lat), "unserved": unserved, "untrained": untrained, "swaps": len(swaps),
             "click_to_served_s": {"p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "max": pct(lat, 1.0)}}
 
 

@@ -144,11 +144,12 @@ def main() -> int:
                      "setup": "200 candidate ads x 5 creatives, Redis fast path, CTR model, null sink",
                      "ours": f"parallel_ranking={settings.parallel_ranking}, creative_features="
                              f"{settings.creative_features}",
-                     "baseline_name": "same service, sequential ranking (creative ranker after the ad ranker)",
+                     "baseline_name": "same service, parallel ranking (creative ranker in a thread beside the ad "
+                                      "ranker)",
                      "paced": {}}
         for rate in a.rates:
             cell = {}
-            for name, parallel in (("ours", settings.parallel_ranking), ("baseline", False)):
+            for name, parallel in (("ours", settings.parallel_ranking), ("baseline", not settings.parallel_ranking)):
                 svc.parallel = parallel
                 svc.stage_log.clear()
                 r = run_loadgen(srv.url, rate, a.seconds)

@@ -40,6 +40,7 @@ from core.events import (
     SUPPORTED_VERSIONS,
     BidwordChange,
     Event,
+    Example,
     decode,
 )
 
@@ -85,6 +86,7 @@ class _Layout:
         self.has_position = "position" in cls.SPEC
         self.has_bid = "bid" in cls.SPEC
         self.is_bidword = cls is BidwordChange
+        self.is_example = cls is Example
 
 
 _LAYOUTS: dict[type[Event], _Layout] = {}
@@ -138,6 +140,8 @@ def _fast_one(lay: _Layout, raw: Any, now: float | None, max_future_s: float) ->
                 return None
             d["bid"] = float(b)
     if lay.is_bidword and d["action"] not in BidwordChange.ACTIONS:
+        return None
+    if lay.is_example and d["stage"] is not None and d["stage"] not in Example.STAGES:
         return None
     d["event_time"] = float(et)
     for name, default in lay.defaults.items():

@@ -267,9 +267,18 @@ class CreativeChange(Event):
 @dataclass(slots=True)
 class Example(Event):
     """A labelled training example: an impression with what happened within the attribution
-    window. Keyed by ``request_id:ad_id``; the same input always yields the same content."""
+    window. Keyed by ``request_id:ad_id``; the same input always yields the same content.
+
+    ``stage`` (docs/speed.md "Fresher models"): ``full`` — the one record of an impression, emitted
+    when its attribution window closes (the default, and every record when the joiner does not emit
+    positives at the click); ``click`` — emitted at the impression's first click (``clicked=1``,
+    ``converted=0``, ``click_time`` of that click), before the window closes; ``close`` — the record
+    at window close of an impression that already had a ``click`` record (its final labels: the
+    conversion and the earliest click time). A consumer takes ``full`` plus either ``close`` (final
+    labels, as without early positives) or ``click`` (positives as soon as they exist); never both."""
 
     TYPE: ClassVar[str] = "example"
+    STAGES: ClassVar[tuple[str, ...]] = ("full", "click", "close")
     request_id: str
     event_time: float
     user_id: str
@@ -287,6 +296,7 @@ class Example(Event):
     click_time: float | None = None
     features: dict[str, Any] = field(default_factory=dict)
     model_versions: dict[str, str] = field(default_factory=dict)
+    stage: str = "full"
 
     SPEC: ClassVar[dict[str, tuple[str, bool]]] = {
         **Impression.SPEC,
@@ -295,6 +305,7 @@ class Example(Event):
         "clicked": ("int", True),
         "converted": ("int", True),
         "click_time": ("num", False),
+        "stage": ("str", False),
     }
 
     @property
@@ -303,7 +314,7 @@ class Example(Event):
 
     @classmethod
     def from_impression(
-        cls, imp: Impression, clicked: bool, converted: bool, click_time: float | None
+        cls, imp: Impression, clicked: bool, converted: bool, click_time: float | None, stage: str = "full"
     ) -> "Example":
         return cls(
             request_id=imp.request_id,
@@ -323,6 +334,7 @@ class Example(Event):
             click_time=click_time,
             features=dict(imp.features),
             model_versions=dict(imp.model_versions),
+            stage=stage,
         )
 
 
@@ -382,6 +394,8 @@ def validate_dict(obj: Any, expected: type[Event] | None = None, now: float | No
         raise InvalidRecord("invalid_value", f"position={kwargs['position']} must be >= 0")
     if "bid" in kwargs and (not math.isfinite(kwargs["bid"]) or kwargs["bid"] < 0):
         raise InvalidRecord("invalid_value", f"bid={kwargs['bid']!r} must be a finite number >= 0")
+    if cls is Example and kwargs.get("stage", "full") not in Example.STAGES:
+        raise InvalidRecord("invalid_value", f"stage={kwargs['stage']!r}; allowed: {list(Example.STAGES)}")
     if cls is BidwordChange and kwargs["action"] not in BidwordChange.ACTIONS:
         raise InvalidRecord("invalid_value", f"action={kwargs['action']!r}")
     if cls is CreativeChange:

@@ -63,6 +63,9 @@ class JoinSettings(BaseModel):
     # an event time more than this ahead of its record's Kafka timestamp is dead-lettered as
     # clock_skew: a future event time would move the partition's watermark and make others late
     max_future_s: float = Field(10.0, ge=0)
+    # emit each positive at its first click (an Example with stage="click") instead of only when the
+    # attribution window closes; the close record is then stage="close" (docs/speed.md "Fresher models")
+    emit_positives_at_click: bool = False
 
     def delay_note(self) -> str:
         """What the window means for when examples appear (the joiner and the trainer log it at start)."""
@@ -70,7 +73,8 @@ class JoinSettings(BaseModel):
         return (f"attribution window {w:g}s + allowed lateness {late:g}s: an impression becomes an example "
                 f"once event time has moved {w + late:g}s past it, so live traffic gives its first examples "
                 f"after about {_duration(w + late)} (set join.attribution_window_s / join.allowed_lateness_s, "
-                f"or --window / --lateness)")
+                f"or --window / --lateness)" + ("; positives are emitted at their first click"
+                                                 if self.emit_positives_at_click else ""))
 
 
 def _duration(s: float) -> str:
@@ -154,6 +158,9 @@ class TrainerSettings(BaseModel):
     # join.attribution_window_s + join.allowed_lateness_s + 120 s); dedup_max_keys bounds memory
     dedup_horizon_s: float | None = Field(None, gt=0)
     dedup_max_keys: int = Field(2_000_000, ge=0)
+    # train positives from the joiner's stage="click" examples (emitted at the click when
+    # join.emit_positives_at_click is on) instead of waiting for the window-close record
+    train_at_click: bool = True
     max_windows: int | None = Field(None, ge=1)
     idle_exit_s: float | None = Field(None, gt=0)
     threads: int = Field(1, ge=1)
@@ -280,7 +287,9 @@ class ServeSettings(BaseModel):
     query_budget_ms: float | None = Field(3.0, gt=0)  # docs/query.md §6: p99 of the stage ≤ 5 ms needs ~2 ms of headroom
     query_categories: int = Field(2, ge=1)  # predicted categories that feed the index's category match
     max_body_bytes: int = Field(16 * 1024, ge=256)
-    parallel_ranking: bool = True  # Peri-CR: the creative ranker runs beside the ad ranker
+    # Peri-CR: the creative ranker runs beside the ad ranker in a thread. Off by default: measured on
+    # 2 cores it costs more than the overlap gains (docs/speed.md "Serving"; bench/bench_serve_paced.py)
+    parallel_ranking: bool = False
     ad_ranker_creative: str = Field("first", pattern="^(first|none)$")  # creative id the ad ranker sees
     ranking_position: int = Field(0, ge=0)  # position the ad ranker predicts at (position-normalised)
     default_ctr: float = Field(0.02, gt=0, lt=1)  # CTR used when neither model nor store knows better

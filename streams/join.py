@@ -12,6 +12,13 @@ Semantics (event time):
   partition's watermark (max event time seen − ``allowed_lateness_s``) passes the end of its window;
   non-clicked impressions become negatives then. The content depends only on the input, so
   re-processing yields the same key with the same content.
+* Positives at the click (``emit_at_click``, ``join.emit_positives_at_click``; docs/speed.md
+  "Fresher models"): the first click attached to an open impression emits a ``stage="click"``
+  example at once (``clicked=1``, ``converted=0``, that click's time; a click can only turn a label
+  from 0 to 1, so the positive is final); the impression's record at window close is then
+  ``stage="close"`` (final conversion and earliest click time) instead of ``stage="full"``. The first
+  attached click is the lowest-offset in-window click of the key, whatever the interleaving of the
+  topics, so a re-emission after a restart has the same content.
 * Records behind the watermark by more than the allowance are *late*: an impression whose window has
   already closed, or a click for an impression that was already emitted. They are dead-lettered
   with reason ``late`` and counted. A click whose impression never arrives is dead-lettered as
@@ -72,6 +79,7 @@ class _Pending:
     clicked: bool = False
     click_time: float | None = None
     converted: bool = False
+    early: bool = False  # a stage="click" example was emitted for it
     outcomes: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -114,8 +122,9 @@ class PartitionJoin:
     """Join state of one partition index across the impression/click/conversion topics."""
 
     def __init__(self, partition: int, window_s: float, lateness_s: float, track_inputs: bool = False,
-                 is_full=None) -> None:
+                 is_full=None, emit_at_click: bool = False) -> None:
         self.partition = partition
+        self.emit_at_click = emit_at_click
         self.is_full = is_full or (lambda: False)  # the worker's state bound (JoinState.max_pending)
         self.n_orphans = 0
         self.window_s = window_s
@@ -241,6 +250,10 @@ class PartitionJoin:
         if kind == CLICK:
             p.clicked = True
             p.click_time = ev.event_time if p.click_time is None else min(p.click_time, ev.event_time)
+            if self.emit_at_click and not p.early:
+                p.early = True
+                out.examples.append(Example.from_impression(p.imp, True, False, ev.event_time, stage="click"))
+                out.stats["positive_at_click"] += 1
         else:
             p.converted = True
         self.held[kind].hold(offset)
@@ -258,7 +271,8 @@ class PartitionJoin:
             p = self.pending.pop(key, None)
             if p is None:
                 continue
-            ex = Example.from_impression(p.imp, p.clicked, p.converted, p.click_time)
+            ex = Example.from_impression(p.imp, p.clicked, p.converted, p.click_time,
+                                         stage="close" if p.early else "full")
             out.examples.append(ex)
             out.stats["positive" if p.clicked else "negative"] += 1
             self.held[IMPRESSION].release(p.offset)
@@ -349,12 +363,14 @@ class JoinState:
     """Join state of every partition index this worker owns."""
 
     def __init__(self, window_s: float, lateness_s: float, track_inputs: bool = False,
-                 max_pending: int | None = None) -> None:
+                 max_pending: int | None = None, emit_at_click: bool = False) -> None:
         """``track_inputs``: the runtime reports which inputs are caught up (:meth:`set_idle`); until
         it does, every input counts as active, so the watermark waits for all of them.
         ``max_pending``: bound on open impressions + waiting outcomes over all partitions (None =
-        unbounded); what would exceed it is dead-lettered as ``state_full``."""
+        unbounded); what would exceed it is dead-lettered as ``state_full``. ``emit_at_click``: emit
+        each positive at its first click (``stage="click"``), see the module docstring."""
         self.track_inputs = track_inputs
+        self.emit_at_click = emit_at_click
         self.max_pending = max_pending
         self.size = 0  # sum of the partitions' sizes
         self.told_done: dict[tuple[str, int], DoneRuns] = {}  # done offsets to skip, per (kind, partition)
@@ -369,7 +385,7 @@ class JoinState:
         p = self.partitions.get(partition)
         if p is None:
             p = self.partitions[partition] = PartitionJoin(
-                partition, self.window_s, self.lateness_s, self.track_inputs, self._full
+                partition, self.window_s, self.lateness_s, self.track_inputs, self._full, self.emit_at_click
             )
         return p
 
@@ -455,11 +471,12 @@ class JoinState:
 
 
 def join_offline(
-    records: Iterable[tuple[str, int, int, Event]], window_s: float, lateness_s: float
+    records: Iterable[tuple[str, int, int, Event]], window_s: float, lateness_s: float,
+    emit_at_click: bool = False,
 ) -> tuple[list[Example], list[DeadLetter]]:
     """Run the join over a finite, ordered list of (kind, partition, offset, event) and flush at the
     end. Handy for tests and for recomputing the expected output of a replay."""
-    st = JoinState(window_s, lateness_s)
+    st = JoinState(window_s, lateness_s, emit_at_click=emit_at_click)
     for kind, part, off, ev in records:
         st.add(kind, part, off, ev)
         st.part(part).advance(st.out)

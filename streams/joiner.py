@@ -82,7 +82,7 @@ def build_app(
     dlq_topic = app.topic(topics.dead_letter, key_serializer="raw", value_serializer="raw")
 
     state = JoinState(settings.join.attribution_window_s, settings.join.allowed_lateness_s, track_inputs=True,
-                      max_pending=settings.join.max_pending)
+                      max_pending=settings.join.max_pending, emit_at_click=settings.join.emit_positives_at_click)
     max_future_s = settings.join.max_future_s
     progress = InputProgress(IDLE_AFTER_S)  # which inputs are read to their end
     committed: dict[tuple[str, int], tuple[int, str]] = {}  # (offset, metadata) this worker committed last
@@ -391,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=float, help="attribution window, seconds")
     ap.add_argument("--lateness", type=float, help="allowed lateness, seconds")
     ap.add_argument("--idle-flush", type=float, help="close all windows after this many idle seconds")
+    ap.add_argument("--emit-at-click", action="store_true",
+                    help="emit each positive at its first click (join.emit_positives_at_click)")
     ap.add_argument("--metrics-port", type=int)
     ap.add_argument("--runtime", choices=("faust", "kafka"), default="faust")
     a = ap.parse_args(argv)
@@ -407,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         over.setdefault("join", {})["attribution_window_s"] = a.window
     if a.lateness is not None:
         over.setdefault("join", {})["allowed_lateness_s"] = a.lateness
+    if a.emit_at_click:
+        over.setdefault("join", {})["emit_positives_at_click"] = True
     s = load_settings(a.config, **over)
     setup_logging(verbosity_from_env())
     run_worker(s, a.bootstrap, a.app_id, a.metrics_port, a.idle_flush, runtime=a.runtime)

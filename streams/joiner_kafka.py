@@ -49,7 +49,8 @@ class KafkaJoiner:
         self.metrics = metrics or WorkerMetrics("joiner")
         self.idle_flush_s = idle_flush_s
         self.state = JoinState(settings.join.attribution_window_s, settings.join.allowed_lateness_s,
-                               track_inputs=True, max_pending=settings.join.max_pending)
+                               track_inputs=True, max_pending=settings.join.max_pending,
+                               emit_at_click=settings.join.emit_positives_at_click)
         self.max_future_s = settings.join.max_future_s
         self.progress = InputProgress(IDLE_AFTER_S)
         self.committed: dict[tuple[str, int], tuple[int, str]] = {}  # (offset, metadata) committed last

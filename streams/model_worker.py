@@ -108,6 +108,9 @@ class WorkerConfig:
     # used instead of ``decoder`` when set (the default decoder's batch twin is ``decode_examples``)
     batch_decoder: Callable[[list[bytes | None], float], list[Decoded | InvalidRecord]] | None = None
     dead_letter_wait_s: float = 5.0  # per checkpoint, for dead-letter acknowledgements before postponing
+    # records whose ``stage`` is one of these are passed over (``core.events.Example``: take ``full``
+    # plus ``close`` — final labels — or ``full`` plus ``click`` — positives at the click, never both)
+    skip_stages: tuple[str, ...] = ("click",)
 
 
 class _Stop(Exception):
@@ -171,7 +174,7 @@ class ModelWorker:
         self.buf_append_max = math.nan
         self._consumer: Consumer | None = None
         self._pending_checkpoint = False
-        self.records = self.dead = self.duplicates = 0
+        self.records = self.dead = self.duplicates = self.stage_skipped = 0
         self.windows_this_run = 0
 
     # ---- checkpoint ----------------------------------------------------------------------------
@@ -308,6 +311,11 @@ class ModelWorker:
             log.warning("dead letter %s:%d:%d %s", self.topic, part, off, err)
             self.pos[part] = off + 1
             return
+        if skip_stages := self.cfg.skip_stages:
+            if isinstance(rec, dict) and rec.get("stage") in skip_stages:
+                self.stage_skipped += 1
+                self.pos[part] = off + 1
+                return
         if self.dedup.seen_or_add(key, event_time):
             self.duplicates += 1
             self.metrics.duplicates.labels(self.name).inc()
@@ -477,6 +485,7 @@ class ModelWorker:
         g = self.gate.counts
         return {"reason": reason, "windows_this_run": self.windows_this_run, "windows": self.window,
                 "examples_trained": self.examples_trained, "records": self.records, "duplicates": self.duplicates,
+                "other_stage": self.stage_skipped,
                 "dead_letters": self.dead, "published": g["publish"], "rejected": g["reject"], "resets": g["reset"],
                 "serving_version": (self.gate.serving_versions.get(self.name) if self.gate.single
                                     else dict(self.gate.serving_versions)),

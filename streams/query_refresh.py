@@ -112,6 +112,8 @@ class RefreshState:
             ex = decode(value, Example, now=now)
         except InvalidRecord as e:
             return [], e
+        if ex.stage == "click":  # the same impression comes again at window close (stage "close")
+            return [], None
         q = self.stats.add(ex.to_dict())
         if q is None:
             return [], None

@@ -138,7 +138,8 @@ def worker_config(settings: Settings) -> WorkerConfig:
         gate_margins={"auc": ts.gate_auc_margin, "logloss": ts.gate_logloss_margin,
                       "overprediction": ts.gate_calibration_margin, "underprediction": ts.gate_calibration_margin},
         dedup_horizon_s=dedup_horizon_s(settings), dedup_max_keys=ts.dedup_max_keys,
-        max_windows=ts.max_windows, idle_exit_s=ts.idle_exit_s, group_id=GROUP_ID, worker=WORKER)
+        max_windows=ts.max_windows, idle_exit_s=ts.idle_exit_s, group_id=GROUP_ID, worker=WORKER,
+        skip_stages=("close",) if ts.train_at_click else ("click",))
 
 
 # --------------------------------------------------------------------------- the CTR worker

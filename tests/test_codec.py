@@ -111,6 +111,9 @@ def _mutations(ev, rng):
         yield json.dumps({**d, "position": -1}).encode()
     if "action" in d:
         yield json.dumps({**d, "action": "delete"}).encode()
+    if "stage" in d:
+        for st in ("click", "close", "full", "final", "", 1):
+            yield json.dumps({**d, "stage": st}).encode()
     if "features" in d:
         yield json.dumps({**d, "features": {"a": float("nan")}}).encode()
     raw = json.dumps(d)

@@ -36,8 +36,14 @@ class FakeContext(AuditContext):
                enumerate(malformed_records(0.0)) if kind == "impression"]
         return dict(self._imps), recs + bad
 
-    def examples(self):
-        return {k: set(v) for k, v in self._examples.items()}
+    def examples(self, stages=("full", "close")):
+        def stage(raw):
+            try:
+                return json.loads(raw).get("stage", "full")
+            except ValueError:
+                return "full"
+        out = {k: {v for v in vals if stage(v) in stages} for k, vals in self._examples.items()}
+        return {k: v for k, v in out.items() if v}
 
     def read(self, topic):
         if topic == self.topics.clicks:
@@ -82,10 +88,16 @@ def run_audit(ctx, served, errors=0) -> dict[str, bool]:
 
 
 def good_loop(tmp_path, **kw):
+    """Five impressions; r0 clicked 1 s after it, so its positive went out at the click too."""
+    from core.events import Click
+
     imps = {f"r{i}:a{i}": _imp(f"r{i}", f"a{i}", 1000.0 + i) for i in range(5)}
     examples = {k: {Example.from_impression(v, False, False, None).to_json()} for k, v in imps.items()}
+    examples["r0:a0"] = {Example.from_impression(imps["r0:a0"], True, False, 1001.0, stage="click").to_json(),
+                         Example.from_impression(imps["r0:a0"], True, True, 1001.0, stage="close").to_json()}
     examples[f"{POISON_PREFIX}0:a1"] = {b"poison is not an impression's example"}
-    args = dict(imps=imps, examples=examples, dead=all_dead_letters())
+    args = dict(imps=imps, examples=examples, dead=all_dead_letters(),
+                clicks=[Click(request_id="r0", event_time=1001.0, ad_id="a0", user_id="u1")])
     args.update(kw)
     return FakeContext(tmp_path, **args), list(imps)
 
@@ -108,8 +120,27 @@ def test_the_audit_passes_a_clean_loop_and_fails_every_kind_of_loss(tmp_path, mo
     # a label that disagrees with the clicks topic
     from core.events import Click
 
-    ctx3, _ = good_loop(tmp_path, clicks=[Click(request_id="r0", event_time=1001.0, ad_id="a0", user_id="u1")])
+    ctx3, _ = good_loop(tmp_path)
+    ctx3._clicks.append(Click(request_id="r1", event_time=1002.0, ad_id="a1", user_id="u1"))
     assert not run_audit(ctx3, served)["example labels = recount of the clicks"]
+    # positives at the click: one missing, one spurious, one with two contents, a final record not
+    # marked close; and with the option off, any click-stage record at all
+    imp0, imp3 = ctx._imps["r0:a0"], ctx._imps["r3:a3"]
+    early = Example.from_impression(imp0, True, False, 1001.0, stage="click").to_json()
+    for broken in (
+        lambda e: e["r0:a0"].discard(early),
+        lambda e: e["r3:a3"].add(Example.from_impression(imp3, True, False, 1004.0, stage="click").to_json()),
+        lambda e: e["r0:a0"].add(Example.from_impression(imp0, True, False, 1001.5, stage="click").to_json()),
+        lambda e: e.__setitem__("r0:a0", {early, Example.from_impression(imp0, True, True, 1001.0).to_json()}),
+    ):
+        ctxe, _ = good_loop(tmp_path)
+        broken(ctxe._examples)
+        assert not run_audit(ctxe, served)["every positive emitted at its click"]
+    ctxo, _ = good_loop(tmp_path)
+    ctxo.cfg.emit_at_click = False
+    assert not run_audit(ctxo, served)["no positive emitted at a click (off)"]
+    ctxo._examples["r0:a0"].discard(early)
+    assert run_audit(ctxo, served)["no positive emitted at a click (off)"]
     # feature counts off, a rejected version served, a request that failed, a lost dead letter,
     # a spurious orphan
     ctx4, _ = good_loop(tmp_path, mismatches=[("user", "u1", [5, 0], [6, 0])])
@@ -142,4 +173,4 @@ def test_the_short_drill_loses_nothing(tmp_path):
     assert {f for _t, f, _w in report.faults} == set(cfg.schedule)  # every fault happened
     failed = [(c.name, c.expected, c.got) for c in report.checks if not c.ok]
     assert not failed, failed
-    assert len(report.checks) == 9  # the audit ran every check
+    assert len(report.checks) == 10  # the audit ran every check

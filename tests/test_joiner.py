@@ -55,9 +55,9 @@ def runtime(request):
     return request.param
 
 
-def start_joiner(bootstrap, prefix, app_id, log_path, idle_flush=3.0, runtime="faust", env_extra=None):
+def start_joiner(bootstrap, prefix, app_id, log_path, idle_flush=3.0, runtime="faust", env_extra=None, extra=()):
     cmd = [sys.executable, "-m", "streams.joiner", "--bootstrap", bootstrap, "--topic-prefix", prefix,
-           "--app-id", app_id, "--window", str(WINDOW), "--lateness", str(LATENESS), "--runtime", runtime]
+           "--app-id", app_id, "--window", str(WINDOW), "--lateness", str(LATENESS), "--runtime", runtime, *extra]
     if idle_flush is not None:
         cmd += ["--idle-flush", str(idle_flush)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
@@ -114,6 +114,44 @@ def test_end_to_end_every_example_exactly_once_in_effect(bootstrap, topic_names,
     dead = read_topic(bootstrap, topic_names.dead_letter, timeout_s=10)
     reasons = {json.loads(v)["reason"] for _, v, *_ in dead}
     assert not reasons & {"late", "malformed_json", "missing_field", "wrong_type"}, reasons
+
+
+def test_a_positive_goes_out_at_its_click_while_its_window_is_open(bootstrap, topic_names, unique_topic_prefix,
+                                                                    tmp_path, runtime):
+    """``--emit-at-click``: the click-stage record is on the topic while the impression's window is
+    still open (nothing else was emitted yet); the final records come when the window closes."""
+    setup_topics(bootstrap, topic_names, partitions=2)
+    now = time.time()
+    imp = dict(event_time=now, user_id="u1", query="q", creative_id="c", bidword="b", category="cat",
+               position=0, bid=1.0)
+    p = make_producer(bootstrap)
+    for rid, ad in (("r1", "a"), ("r2", "b")):
+        e = Impression(request_id=rid, ad_id=ad, **imp)
+        produce_json(p, topic_names.impressions, e.key, e.to_json())
+    c = Click(request_id="r1", event_time=now + 1.0, ad_id="a", user_id="u1")
+    produce_json(p, topic_names.clicks, c.key, c.to_json())
+    p.flush(10)
+    j = start_joiner(bootstrap, unique_topic_prefix, unique_topic_prefix + "joiner", tmp_path / "j.log",
+                     idle_flush=20.0, runtime=runtime, extra=["--emit-at-click"])
+    try:
+        early, _ = collect_examples(bootstrap, topic_names.examples, {"r1:a"}, timeout=90)
+        assert set(early) == {"r1:a"}, f"only the positive, at its click: {early}"
+        [raw] = early["r1:a"]
+        d = json.loads(raw)
+        assert (d["stage"], d["clicked"], d["converted"], d["click_time"]) == ("click", 1, 0, now + 1.0)
+        # the idle flush closes both windows: the final records follow
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            by_key, _ = collect_examples(bootstrap, topic_names.examples, {"r1:a", "r2:b"}, timeout=5)
+            stages = {k: sorted(json.loads(v)["stage"] for v in vals) for k, vals in by_key.items()}
+            if stages.get("r1:a") == ["click", "close"] and stages.get("r2:b") == ["full"]:
+                break
+            time.sleep(1.0)
+        assert stages == {"r1:a": ["click", "close"], "r2:b": ["full"]}, stages
+        final = {k: json.loads(v) for k, vals in by_key.items() for v in vals if json.loads(v)["stage"] != "click"}
+        assert (final["r1:a"]["clicked"], final["r2:b"]["clicked"]) == (1, 0)
+    finally:
+        stop(j)
 
 
 def committed_total(bootstrap, group, topic):

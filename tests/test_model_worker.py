@@ -244,3 +244,42 @@ def test_dead_letters_are_never_lost(bootstrap, topic_names, tmp_path, monkeypat
     assert sum(len(p.failed) for p in flaky.instances) == 2  # the faults did happen
     dl = read_topic(bootstrap, topic_names.dead_letter)
     assert Counter(json.loads(v)["reason"] for _k, v, *_ in dl) >= Counter(x for _, x in BAD_RECORDS)
+
+
+@pytest.mark.parametrize("take", ["click", "close"])
+def test_a_worker_takes_full_records_and_one_of_click_or_close(bootstrap, topic_names, tmp_path, take):
+    """Positives at the click (core.events.Example.stage): each impression is trained once, from the
+    ``full`` record or from one of its ``click`` / ``close`` records, never both."""
+    from dataclasses import replace
+
+    create_topics(bootstrap, topic_names.all(), partitions=2)
+    exs = world_examples(600, seed=21)
+    records = []
+    for ex in exs:
+        if ex.clicked:
+            records.append(replace(ex, stage="click", converted=0))
+            records.append(replace(ex, stage="close"))
+        else:
+            records.append(ex)
+    assert sum(ex.clicked for ex in exs) > 10
+    produce(bootstrap, topic_names.examples, records)
+    skip = ("close",) if take == "click" else ("click",)
+    cfg = config(topic_names, tmp_path, skip_stages=skip)
+    stages: Counter = Counter()
+
+    class Seen(Single):
+        def learn(self, records):
+            stages.update(r["stage"] for r in records)
+            return super().learn(records)
+
+    worker = ModelWorker(Seen("toy-single", "clicked"), cfg, bootstrap, KafkaSettings(bootstrap=bootstrap,
+                                                                                        topics=topic_names),
+                         record_keys=True)
+    out = worker.run()
+    n_clicked = sum(ex.clicked for ex in exs)
+    assert out["examples_trained"] == len(exs) and out["duplicates"] == 0
+    assert out["other_stage"] == n_clicked
+    keys = [k for row in rows_of(cfg) for k in row["keys"]]
+    assert sorted(keys) == sorted(ex.key for ex in exs)
+    # every window trains (the last, partial one too: min_window 50)
+    assert stages == {"full": len(exs) - n_clicked, take: n_clicked}

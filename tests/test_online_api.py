@@ -233,8 +233,8 @@ def test_parallel_and_sequential_rankings_agree(app_client):
     par_threads = {k: name for k, name in threads[0:2]}  # the first request ran in parallel
     assert par_threads["creative"].startswith("creative-rank") and par_threads["ad"] == threading.current_thread().name
     assert {k: name for k, name in threads[2:4]} == {"ad": par_threads["ad"], "creative": par_threads["ad"]}
-    c.post("/v1/ads", json=body())  # the HTTP path uses the parallel ranker (the default)
-    assert svc.parallel_calls - before == 9
+    c.post("/v1/ads", json=body())  # the HTTP path ranks sequentially (serve.parallel_ranking, default false)
+    assert svc.parallel_calls - before == 8
 
 
 def test_creative_ranker_prefers_the_better_creative():
