@@ -31,6 +31,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
+
 from core.settings import ServeSettings
 from online.index import AdIndex, Candidate
 from online.models import BetaCreativeRanker, LoadedModel, ModelLoader, predict_or_baseline
@@ -53,7 +55,9 @@ class CreativeChoice:
         return out
 
 
-def _stats(row: dict | None) -> tuple[float, float]:
+def creative_stats(row: dict | None) -> tuple[float, float]:
+    """``(impressions, clicks)`` of a creative's feature row, cleaned: absent, non-numeric or
+    non-finite counts are 0, clicks are clipped to ``[0, impressions]``."""
     row = row or {}
     try:
         imps = float(row.get("impressions") or 0.0)
@@ -63,6 +67,34 @@ def _stats(row: dict | None) -> tuple[float, float]:
     if not (math.isfinite(imps) and math.isfinite(clks)) or imps < 0:
         return 0.0, 0.0
     return imps, min(max(clks, 0.0), imps)
+
+
+def posterior_means_fast(means: list[list[float]], stats: list[list[tuple[float, float]]], k: float,
+                         model_scores: bool) -> tuple[list[int], list[list[float]]] | None:
+    """The ``exploration = off`` scores and the best creative per candidate, as arrays: the same
+    floating-point operations in the same order as the per-creative loop of :meth:`CreativeStage.rank`
+    (so the same floats), and ``np.argmax`` keeps the first of tied scores as the loop does. None
+    where the loop must decide (ragged or mismatched groups, a NaN score): the caller runs the loop."""
+    n = len(means)
+    if n == 0:
+        return [], []
+    width = len(means[0])
+    if width == 0 or any(len(ms) != width or len(st) != width for ms, st in zip(means, stats)) or len(stats) != n:
+        return None
+    m = np.array(means, dtype=np.float64)
+    if model_scores:
+        s = m
+    else:
+        st = np.array(stats, dtype=np.float64)  # (n, width, 2)
+        imps, clks = st[:, :, 0], st[:, :, 1]
+        a = k * m + clks
+        b = k * (1 - m) + imps - clks
+        ab = a + b
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = np.where(ab > 0, a / ab, m)
+    if np.isnan(s).any():
+        return None
+    return s.argmax(axis=1).tolist(), s.tolist()
 
 
 class CreativeStage:
@@ -75,6 +107,7 @@ class CreativeStage:
         self.beta = beta
         self.loader = loader
         self.exploration = settings.creative_exploration
+        self.vectorised = True  # exploration off: posterior_means_fast (False: the per-creative loop, its reference)
 
     @property
     def model_name(self) -> str:
@@ -112,9 +145,11 @@ class CreativeStage:
 
     def rank(self, model: LoadedModel | None, rows_fn, cands: Sequence[Candidate],
              creative_rows: list[list[dict | None]], priors: list[float], request_id: str,
-             degraded: list[str]) -> CreativeChoice:
+             degraded: list[str], stats: list[list[tuple[float, float]]] | None = None) -> CreativeChoice:
         """The chosen creative per candidate. ``rows_fn()`` builds the model's candidate batch (only
-        called when a model is served); ``creative_rows`` are the creatives' stream statistics."""
+        called when a model is served); ``creative_rows`` are the creatives' stream statistics, and
+        ``stats`` the same as ``(impressions, clicks)`` pairs (``creative_stats``) where the caller
+        has them already (the creative cache computes them once per refresh)."""
         k = self.beta.strength
         means: list[list[float]]
         if self.loader is None:
@@ -140,12 +175,19 @@ class CreativeStage:
                     means.append([min(max(float(x), 1e-6), 1 - 1e-6) for x in flat[i:i + n]])
                     i += n
         model_scores = ranker != "beta"
+        if stats is None:
+            stats = [[creative_stats(row) for row in (rows or [None] * len(ms))]
+                     for ms, rows in zip(means, creative_rows)]
+        if self.exploration == "off" and self.vectorised:
+            fast = posterior_means_fast(means, stats, k, model_scores)
+            if fast is not None:
+                best, all_scores = fast
+                return CreativeChoice(best, ranker, version, bad, all_scores)
         rng = random.Random(zlib.crc32(request_id.encode())) if self.exploration == "thompson" else None
         best, all_scores = [], []
-        for ms, rows in zip(means, creative_rows):
+        for ms, st in zip(means, stats):
             scores = []
-            for m, row in zip(ms, rows or [None] * len(ms)):
-                imps, clks = _stats(row)
+            for m, (imps, clks) in zip(ms, st):
                 a, b = k * m + clks, k * (1 - m) + imps - clks
                 if self.exploration == "thompson":
                     s = rng.betavariate(max(a, 1e-6), max(b, 1e-6))

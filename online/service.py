@@ -32,7 +32,7 @@ from typing import Any, Callable
 from core.events import Impression
 from core.ports import EventSink
 from core.settings import ServeSettings
-from online.creative import CreativeChoice, CreativeStage
+from online.creative import CreativeChoice, CreativeStage, creative_stats
 from online.index import AdIndex, Candidate, CountsClassifier, IndexRewriter, QueryClassifier, QueryRewriter
 from online.metrics import ServeMetrics
 from online.models import BetaCreativeRanker, LoadedModel, ModelLoader, predict_or_baseline
@@ -44,6 +44,7 @@ SOURCES = {"exact": "index", "broad": "index", "rewrite": "rewriter", "gram": "g
            "related": "category"}
 TOP_SLOTS = 2  # positions < TOP_SLOTS are slot "top", the rest "side" (as in the synthetic world)
 ENTITY_STATS = ("impressions", "clicks")
+_NO_STATS = creative_stats(None)
 
 
 @dataclass
@@ -125,7 +126,7 @@ class CreativeStatsCache:
         self.index = index
         self.refresh_s = refresh_s
         self.chunk = chunk
-        self._rows: dict[str, dict] = {}
+        self._data: tuple[dict[str, dict], dict[str, tuple[float, float]]] = ({}, {})  # rows, creative_stats
         self.refreshed_at = 0.0
         self.failures = 0
         self._stop = threading.Event()
@@ -141,12 +142,16 @@ class CreativeStatsCache:
             self.failures += 1
             log.warning("creative cache refresh failed (%d so far): %s", self.failures, e)
             return 0
-        self._rows = rows  # one reference swap
+        self._data = (rows, {cr: creative_stats(row) for cr, row in rows.items()})  # one reference swap
         self.refreshed_at = time.time()
         return len(rows)
 
     def get(self, creative_id: str) -> dict | None:
-        return self._rows.get(creative_id)
+        return self._data[0].get(creative_id)
+
+    def snapshot(self) -> tuple[dict[str, dict], dict[str, tuple[float, float]]]:
+        """The rows and their ``creative_stats`` (computed once per refresh) of one refresh."""
+        return self._data
 
     def start(self) -> "CreativeStatsCache":
         if self._thread is None:
@@ -299,10 +304,10 @@ class AdService:
 
     def rank_creatives(self, model: LoadedModel | None, rows_fn, cands: list[Candidate],
                        creative_rows: list[list[dict | None]], priors: list[float], request_id: str,
-                       degraded: list[str]) -> CreativeChoice:
+                       degraded: list[str], stats: list[list[tuple[float, float]]] | None = None) -> CreativeChoice:
         """The best creative of every candidate (ties: the first): CR+ or the Beta ranker; with a reward
         blender (``serve.creative_reward``), the creative reward model replaces or blends with its scores."""
-        choice = self.creative.rank(model, rows_fn, cands, creative_rows, priors, request_id, degraded)
+        choice = self.creative.rank(model, rows_fn, cands, creative_rows, priors, request_id, degraded, stats)
         if self.reward is not None and cands:
             try:
                 picks = self.reward.choose_many([c.creatives for c in cands], choice.scores)
@@ -412,10 +417,15 @@ class AdService:
                 i += n
                 ad_rows.append((chunk[0] or {}).get("ad") if chunk and chunk[0] else None)
                 cr_rows.append([(p or {}).get("creative") if p else None for p in chunk])
+            cr_stats = None
         else:
+            crows, cstats = cache.snapshot()
+            get_row, get_stats = crows.get, cstats.get
+            cr_stats = []
             for c, p in zip(cands, pairs):
                 ad_rows.append((p or {}).get("ad") if p else None)
-                cr_rows.append([cache.get(cr) for cr in c.creatives])
+                cr_rows.append([get_row(cr) for cr in c.creatives])
+                cr_stats.append([get_stats(cr, _NO_STATS) for cr in c.creatives])
         default = self.settings.default_ctr
         priors = [self._stream_ctr(r) or default for r in ad_rows]
         pos = self.settings.ranking_position
@@ -438,7 +448,7 @@ class AdService:
             return self.creative.batch(req.user_id, req.domain, base, cands, pos, event_time, ad_pctr)
 
         if cands:
-            cr_args = (cr_model, rows_fn, cands, cr_rows, priors, request_id, cr_degraded)
+            cr_args = (cr_model, rows_fn, cands, cr_rows, priors, request_id, cr_degraded, cr_stats)
             if use_parallel and not self.creative.needs_ad_pctr(cr_model):
                 fut = self._pool.submit(self._timed, self.rank_creatives, *cr_args)
                 (ranked, ranker, why), t_ad = self._timed(self.rank_ads_routed, req, model, examples, priors,
