@@ -290,6 +290,9 @@ class ServeSettings(BaseModel):
     # Peri-CR: the creative ranker runs beside the ad ranker in a thread. Off by default: measured on
     # 2 cores it costs more than the overlap gains (docs/speed.md "Serving"; bench/bench_serve_paced.py)
     parallel_ranking: bool = False
+    # torch intra-op threads of every request thread that runs a model (online.models.pin_torch_threads):
+    # one request's batch is small, and unpinned threads spin on every core (docs/speed.md "Serving")
+    torch_threads: int = Field(1, ge=1)
     ad_ranker_creative: str = Field("first", pattern="^(first|none)$")  # creative id the ad ranker sees
     ranking_position: int = Field(0, ge=0)  # position the ad ranker predicts at (position-normalised)
     default_ctr: float = Field(0.02, gt=0, lt=1)  # CTR used when neither model nor store knows better

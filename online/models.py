@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,24 @@ from models.stream_model import is_thread_safe
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BetaCreativeRanker", "LoadedModel", "ModelLoader", "build_learner", "predict_or_baseline"]
+__all__ = ["BetaCreativeRanker", "LoadedModel", "ModelLoader", "build_learner", "pin_torch_threads",
+           "predict_or_baseline"]
+
+_thread_state = threading.local()
+
+
+def pin_torch_threads(n: int) -> None:
+    """Give torch ``n`` intra-op threads in the calling thread (once per thread; nothing before torch
+    is loaded). A request thread that nothing configured runs the CTR model's operators on every
+    core with OpenMP workers that spin between calls: measured on 2 cores, 2x the CPU per request
+    and a slower ``ad_rank`` (docs/speed.md "Serving"). ``serve.torch_threads`` sets ``n``."""
+    if getattr(_thread_state, "torch_threads", 0) == n:
+        return
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    torch.set_num_threads(n)
+    _thread_state.torch_threads = n
 
 
 def __getattr__(name: str) -> Any:  # torch loads only when the CTR model is used

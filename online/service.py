@@ -35,7 +35,7 @@ from core.settings import ServeSettings
 from online.creative import CreativeChoice, CreativeStage, creative_stats
 from online.index import AdIndex, Candidate, CountsClassifier, IndexRewriter, QueryClassifier, QueryRewriter
 from online.metrics import ServeMetrics
-from online.models import BetaCreativeRanker, LoadedModel, ModelLoader, predict_or_baseline
+from online.models import BetaCreativeRanker, LoadedModel, ModelLoader, pin_torch_threads, predict_or_baseline
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +307,7 @@ class AdService:
                        degraded: list[str], stats: list[list[tuple[float, float]]] | None = None) -> CreativeChoice:
         """The best creative of every candidate (ties: the first): CR+ or the Beta ranker; with a reward
         blender (``serve.creative_reward``), the creative reward model replaces or blends with its scores."""
+        pin_torch_threads(self.settings.torch_threads)  # this may be a pool thread (parallel ranking)
         choice = self.creative.rank(model, rows_fn, cands, creative_rows, priors, request_id, degraded, stats)
         if self.reward is not None and cands:
             try:
@@ -346,6 +347,7 @@ class AdService:
 
     # ---- the pipeline -------------------------------------------------------------------------
     def handle(self, req: AdRequestData, parallel: bool | None = None) -> dict[str, Any]:
+        pin_torch_threads(self.settings.torch_threads)  # the server's request threads: once each
         m = self.metrics
         stages: dict[str, float] = {}
         t_start = t0 = time.perf_counter()
