@@ -54,7 +54,7 @@ from features.repo import view_name
 from features.store import FeatureStoreClient, FeatureStoreUnavailable
 from streams.broker import resolve_bootstrap
 from streams.dedup import EventTimeDedup
-from streams.kafka_io import DeadLetterWriter, assign_from, checkpointed_consumer, export_lag, is_error
+from streams.kafka_io import DeadLetterWriter, assign_from, checkpointed_consumer, export_lag, is_error, next_wait
 
 log = logging.getLogger(__name__)
 
@@ -319,8 +319,11 @@ class FeatureUpdater:
             last_msg = last_flush = last_ckpt = last_lag = time.monotonic()
             last_check = -math.inf
             unsaved = False  # something pushed or consumed since the last checkpoint
+            wait = 0.05
             while not stop_event.is_set():
-                msgs = [m for m in consumer.consume(num_messages=5000, timeout=0.05) if not is_error(m)]
+                raw = consumer.consume(num_messages=5000, timeout=wait)
+                wait = next_wait(len(raw), 5000, 0.05)
+                msgs = [m for m in raw if not is_error(m)]
                 now = time.time()
                 batch: list[dict[str, Any]] = []
                 for m, dec in zip(msgs, self._decode_batch(msgs, now)):

@@ -18,6 +18,7 @@ import threading
 import time
 
 from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from core.errors import InvalidRecord
 from core.codec import decode_events
@@ -27,13 +28,14 @@ from core.settings import Settings
 from streams import join_offsets
 from streams.join import CLICK, CONVERSION, IMPRESSION, DeadLetter, InputProgress, JoinState
 from streams.joiner import COMMIT_INTERVAL_S, IDLE_AFTER_S, count_outputs, dead_letter_key
-from streams.kafka_io import ReliableProducer, client_config, is_error
+from streams.kafka_io import ReliableProducer, client_config, is_error, next_wait
 
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 10_000
 POLL_S = 0.1
 HOUSEKEEPING_S = 0.5
+ENDS_TIMEOUT_S = 10.0  # an end-offset request not answered by then is asked again
 
 
 class KafkaJoiner:
@@ -60,6 +62,9 @@ class KafkaJoiner:
         # keeps every example and dead letter until the broker acknowledged it (re-sends failures);
         # offsets are committed only when nothing is outstanding (_commit)
         self.producer = ReliableProducer(bootstrap, name="joiner outputs")
+        # end offsets of the inputs (InputProgress), asked on a connection of their own
+        self.admin = AdminClient(client_config({"bootstrap.servers": bootstrap}))
+        self._ends_pending: tuple[dict, float, dict] | None = None
         self.consumer = Consumer(client_config({
             "bootstrap.servers": bootstrap,
             "group.id": app_id,
@@ -84,6 +89,7 @@ class KafkaJoiner:
                 self.state.set_done(self.kind_of_topic[tp.topic], tp.partition, done)
                 skipped += sum(b - a for a, b in done)
         self.progress.reset(time.monotonic(), start)
+        self._ends_pending = None  # asked before this assignment: it says nothing now
         log.info("assigned partitions %s; state rebuilt from committed offsets (%d records above them "
                  "already done)", sorted(self.assigned), skipped)
 
@@ -92,6 +98,7 @@ class KafkaJoiner:
         self._commit(force=True)
         self.state.revoke(list(self.state.partitions))
         self.progress.reset(time.monotonic(), {})
+        self._ends_pending = None
         self.committed.clear()
         self.assigned = set()
 
@@ -106,18 +113,22 @@ class KafkaJoiner:
         records_in = {t: self.metrics.records_in.labels(worker, t) for t in self.kind_of_topic}
         latency = self.metrics.processing_latency.labels(worker)
         last_record = last_house = time.monotonic()
+        wait = POLL_S
         try:
             while not self._stop.is_set():
-                msgs = [m for m in c.consume(BATCH_MAX, POLL_S) if not is_error(m)]
+                raw = c.consume(BATCH_MAX, wait)
+                wait = next_wait(len(raw), BATCH_MAX, POLL_S)
+                msgs = [m for m in raw if not is_error(m)]
                 now = time.time()
                 mono_now = time.monotonic()
                 touched = set()
+                n_in = dict.fromkeys(records_in, 0)
                 decoded = self._decode_batch(msgs, now)
                 for m, dec in zip(msgs, decoded):
                     topic, part, off = m.topic(), m.partition(), m.offset()
                     kind = self.kind_of_topic[topic]
                     self.progress.arrived(kind, part, off, mono_now)
-                    records_in[topic].inc()
+                    n_in[topic] += 1
                     ts_type, ts = m.timestamp()
                     if ts > 0:
                         latency.observe(max(0.0, now - ts / 1000.0))
@@ -133,6 +144,9 @@ class KafkaJoiner:
                     ev = dec
                     self.state.add(kind, part, off, ev)
                     touched.add(part)
+                for topic, n in n_in.items():
+                    if n:
+                        records_in[topic].inc(n)
                 mono = time.monotonic()
                 if msgs:
                     last_record = mono
@@ -220,19 +234,40 @@ class KafkaJoiner:
             self.committed[(self.kind_of_topic[tp.topic], tp.partition)] = (tp.offset, tp.metadata or "")
 
     def _ask_ends(self) -> None:
-        """Ask the broker for the end offset of every assigned input (not the cached value)."""
+        """Ask the broker for the end offset of every assigned input (not the cached value), without
+        waiting: one batched ListOffsets request on the admin client's own connection, whose answer
+        is taken on a later pass. (The consumer's own ``get_watermark_offsets(cached=False)`` queues
+        behind its long-polling fetch on the same connection: ~0.5 s per partition, which held the
+        loop for seconds per pass.)"""
+        pending = self._ends_pending
+        if pending is not None:
+            futures, asked_at, horizons = pending
+            if not all(f.done() for f in futures.values()):
+                if time.monotonic() - asked_at < ENDS_TIMEOUT_S:
+                    return
+                log.debug("end offsets not answered in %.0fs: asking again", ENDS_TIMEOUT_S)
+            else:
+                ends = {}
+                for key, f in futures.items():
+                    try:
+                        ends[key] = f.result().offset
+                    except Exception as e:  # broker busy or a rebalance: try again next time
+                        log.debug("end offset of %s unavailable: %s", key, e)
+                self.progress.end_offsets(ends, asked_at, horizons)
+            self._ends_pending = None
+        if not self.assigned:
+            return
         asked_at = time.monotonic()
         horizons = self.state.horizons()
-        ends = {}
-        for part in self.assigned:
-            for topic, kind in self.kind_of_topic.items():
-                try:
-                    _, hw = self.consumer.get_watermark_offsets(TopicPartition(topic, part), timeout=2, cached=False)
-                except Exception as e:  # broker busy or a rebalance: try again next time
-                    log.debug("end offset of %s[%d] unavailable: %s", topic, part, e)
-                    continue
-                ends[(kind, part)] = hw
-        self.progress.end_offsets(ends, asked_at, horizons)
+        request = {TopicPartition(topic, part): OffsetSpec.latest()
+                   for part in self.assigned for topic in self.kind_of_topic}
+        try:
+            futures = self.admin.list_offsets(request, request_timeout=ENDS_TIMEOUT_S)
+        except Exception as e:
+            log.debug("end offsets not asked: %s", e)
+            return
+        self._ends_pending = ({(self.kind_of_topic[tp.topic], tp.partition): f for tp, f in futures.items()},
+                              asked_at, horizons)
 
     def _update_idle(self, partitions) -> None:
         """Tell the join which inputs are read to their end (``streams.join.InputProgress``)."""

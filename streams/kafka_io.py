@@ -260,6 +260,15 @@ def export_lag(consumer: Consumer, tps: Iterable[TopicPartition], position_of: C
         gauge.labels(worker, tp.topic, str(tp.partition)).set(max(0, hi - position_of(tp.topic, tp.partition)))
 
 
+def next_wait(got: int, batch: int, idle_s: float) -> float:
+    """The timeout of the next ``consume(batch, timeout)``: librdkafka returns early only when the
+    batch is full, otherwise it waits the whole timeout. So: no wait after a full batch (a backlog),
+    10 ms after a partial one (records are flowing), ``idle_s`` after an empty one."""
+    if got >= batch:
+        return 0.0
+    return min(0.01, idle_s) if got else idle_s
+
+
 def is_error(msg: Any) -> bool:
     """Whether a consumed message is an error event (logged unless it is the end of a partition)."""
     err = msg.error()
