@@ -2,7 +2,10 @@
 
 One process runs the kafka joiner, the stream trainer and the online ``ModelLoader`` (each in its
 own thread, against one broker) while a paced producer writes impressions (event time = now) and
-clicks on 10 % of them 1-5 s later. The trainer writes the keys of every window it trains
+clicks on 10 % of them 1-5 s later. Clicks are measured once the loop is in a steady state (the
+first attribution window has passed, ``--settle`` seconds more), for ``--seconds``, and the traffic
+goes on for ``--tail`` seconds after them (plus the attribution window when positives wait for it),
+so their windows fill as they would in a running system. The trainer writes the keys of every window it trains
 (``windows.jsonl``) and every loader swap is recorded with the window its version was trained
 through (``trained_through_window`` in its registry metadata). A click is served when the first
 version trained on the window that holds its example is swapped in: latency = that swap - the
@@ -16,7 +19,7 @@ Configurations, one after the other, same traffic:
   the trainer takes them: ``trainer.train_at_click``) — what ``adstream demo`` runs;
 - ``fast-click``: positives at the click and windows of 300 examples (the path to <= 5 s).
 
-    PYTHONPATH=. .venv/bin/python bench/bench_model_freshness.py --seconds 60 --out bench/results/model_freshness.json
+    PYTHONPATH=. .venv/bin/python bench/bench_model_freshness.py --seconds 30 --out bench/results/model_freshness.json
 """
 
 from __future__ import annotations
@@ -88,11 +91,17 @@ def run_config(name: str, cfg: dict, bootstrap: str, a, work: Path) -> dict:
     due: list[tuple[float, Impression]] = []
     try:
         time.sleep(a.warmup)
+        # steady state first: the attribution window has passed once and windows flow; clicks are
+        # measured in [measure_from, measure_to); traffic goes on for the tail so their windows fill
+        # (longer when positives wait for the window to close)
         start = time.time()
+        measure_from = start + cfg["window"] + cfg["lateness"] + a.settle
+        measure_to = measure_from + a.seconds
+        stop_at = measure_to + a.tail + (0.0 if cfg["at_click"] else cfg["window"] + cfg["lateness"])
         i = 0
-        while time.time() - start < a.seconds or due:
+        while time.time() < stop_at or due:
             now = time.time()
-            if now - start < a.seconds:
+            if now < stop_at:
                 while i < int((now - start) * a.rate):
                     ad = f"a{rng.randrange(300)}"
                     imp = Impression(request_id=f"{name}-r{i}", event_time=now, user_id=f"u{rng.randrange(2000)}",
@@ -108,23 +117,13 @@ def run_config(name: str, cfg: dict, bootstrap: str, a, work: Path) -> dict:
                 if t_click <= now:
                     c = Click(request_id=imp.request_id, event_time=now, ad_id=imp.ad_id, user_id=imp.user_id)
                     p.produce(topics.clicks, encode(c), key=c.key)
-                    clicks.append((now, f"{imp.request_id}:{imp.ad_id}"))
+                    if measure_from <= now < measure_to:
+                        clicks.append((now, f"{imp.request_id}:{imp.ad_id}"))
                 else:
                     keep.append((t_click, imp))
             due = keep
             p.poll(0)
             time.sleep(0.005)
-        p.flush(30)
-        # event time must move on for the last windows to close: keep a trickle of impressions going
-        end = time.time() + cfg["window"] + cfg["lateness"] + a.tail
-        while time.time() < end:
-            now = time.time()
-            imp = Impression(request_id=f"{name}-tail-{uuid.uuid4().hex[:8]}", event_time=now, user_id="u0",
-                             query="q0", ad_id="a0", creative_id="a0-c0", bidword="b0", category="c0", position=0,
-                             bid=1.0)
-            p.produce(topics.impressions, encode(imp), key=imp.key)
-            p.poll(0)
-            time.sleep(1.0 / max(a.rate, 1) * 4)
         p.flush(30)
     finally:
         stop.set()
@@ -157,10 +156,14 @@ def run_config(name: str, cfg: dict, bootstrap: str, a, work: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=60.0, help="seconds of traffic per configuration")
+    ap.add_argument("--seconds", type=float, default=60.0, help="seconds of traffic whose clicks are measured")
     ap.add_argument("--rate", type=float, default=150.0, help="impressions per second")
-    ap.add_argument("--warmup", type=float, default=8.0)
-    ap.add_argument("--tail", type=float, default=20.0, help="seconds after the last window could close")
+    ap.add_argument("--warmup", type=float, default=8.0, help="seconds for the workers to start")
+    ap.add_argument("--settle", type=float, default=10.0,
+                    help="seconds of traffic after the first attribution window before clicks are measured")
+    ap.add_argument("--tail", type=float, default=30.0,
+                    help="seconds of traffic after the measured span (plus the attribution window and "
+                    "lateness when positives wait for it)")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--bootstrap")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "model_freshness.json"))

@@ -245,7 +245,7 @@ BENCHES: dict[str, tuple[list[str], Callable[[dict], list[dict]]]] = {
               rows_serve),
     "shards": (["bench/bench_feature_shards.py", "--shards", "2", "--backlog", "20000", "--rate", "10000",
                 "--seconds", "8", "--bootstrap", "{B}", "--redis-url", "{R}"], rows_shards),
-    "model_freshness": (["bench/bench_model_freshness.py", "--seconds", "45", "--bootstrap", "{B}"],
+    "model_freshness": (["bench/bench_model_freshness.py", "--seconds", "30", "--bootstrap", "{B}"],
                         rows_model_freshness),
     "clients": (["bench/bench_clients.py", "--messages", "50000", "--bootstrap", "{B}"], rows_clients),
 }
