@@ -240,8 +240,8 @@ def run_drill(root: Path, cfg: DrillConfig | None = None, say: Callable[[str], N
         registry_dir, repo_dir = root / "registry", root / "feature_repo"
         commands = {
             "joiner": [py, "-m", "streams.joiner", "--bootstrap", broker.bootstrap, "--window", str(cfg.window_s),
-                       "--lateness", str(cfg.lateness_s), "--runtime", "kafka", "--metrics-port", str(ports["joiner"]),
-                       *(["--emit-at-click"] if cfg.emit_at_click else [])],
+                       "--lateness", str(cfg.lateness_s), "--runtime", "kafka",
+                       *(["--emit-at-click"] if cfg.emit_at_click else []), "--metrics-port", str(ports["joiner"])],
             "feature_updater": [py, "-m", "streams.feature_updater", "--bootstrap", broker.bootstrap,
                                 "--online-store", "redis", "--redis-url", redis.address, "--repo-dir", str(repo_dir),
                                 "--checkpoint-dir", str(root / "feature_updater"), "--checkpoint-every", "1",
@@ -313,6 +313,7 @@ def run_drill(root: Path, cfg: DrillConfig | None = None, say: Callable[[str], N
         report.facts["serve_metrics"] = scrape(ports["serve"])
         loop.stop(["serve"])
         loop.stop(["joiner"])
+        assert commands["joiner"][-2] == "--metrics-port"
         commands["joiner"] = commands["joiner"][:-2] + ["--metrics-port", "0", "--idle-flush", "3"]
         start("joiner")
         audit_ctx = AuditContext(broker.bootstrap, topics, settings, cfg, registry_dir,
