@@ -99,6 +99,9 @@ def main() -> int:
     ap.add_argument("--rates", type=float, nargs="+", default=[50, 100, 200])
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--redis-url", help="existing Redis host:port (default: start redis-server)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a serve setting for this run (repeatable; VALUE as JSON, else a string), e.g. "
+                         "request_threads=40")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_paced.json"))
     ap.add_argument("--loadgen", metavar="URL", help=argparse.SUPPRESS)
     ap.add_argument("--rate", type=float, help=argparse.SUPPRESS)
@@ -133,14 +136,25 @@ def main() -> int:
         fs = FeatureStoreClient(FeatureSettings(repo_dir=work / "repo", online_store="redis", redis_url=url))
         push_features(fs, time.time() - 3600)
         version = train_model(work / "registry")
-        settings = ServeSettings(model_poll_s=5.0)
+        overrides = {}
+        for kv in a.overrides:
+            k, _, v = kv.partition("=")
+            try:
+                overrides[k] = json.loads(v)
+            except ValueError:
+                overrides[k] = v
+        settings = ServeSettings(**{"model_poll_s": 5.0, **overrides})
         app = create_app(settings, registry_root=work / "registry", feature_store=fs, sink=NullSink(),
                          index=build_inventory(), keep_stage_log=100_000)
         svc = app.state.service
         assert app.state.loader.current is not None and app.state.loader.current.version == version
         srv = serve_in_thread(app)
         run_loadgen(srv.url, 20, 3)  # warm-up
-        res: dict = {"load_avg_start": os.getloadavg(), "seconds_per_run": a.seconds,
+        if settings.gc_freeze:  # as `adstream serve` does before it serves
+            from online.hotpath import freeze_startup_heap
+
+            freeze_startup_heap()
+        res: dict = {"load_avg_start": os.getloadavg(), "seconds_per_run": a.seconds, "settings": overrides,
                      "setup": "200 candidate ads x 5 creatives, Redis fast path, CTR model, null sink",
                      "ours": f"parallel_ranking={settings.parallel_ranking}, creative_features="
                              f"{settings.creative_features}",

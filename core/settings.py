@@ -293,6 +293,11 @@ class ServeSettings(BaseModel):
     # torch intra-op threads of every request thread that runs a model (online.models.pin_torch_threads):
     # one request's batch is small, and unpinned threads spin on every core (docs/speed.md "Serving")
     torch_threads: int = Field(1, ge=1)
+    # threads that run the ad pipeline at once (POST /v1/ads); more requests wait in the event loop
+    request_threads: int = Field(4, ge=1)
+    # gc.freeze() the started service's heap before serving (online.hotpath.freeze_startup_heap): a full
+    # collection of it stalls every request for ~0.25 s
+    gc_freeze: bool = True
     ad_ranker_creative: str = Field("first", pattern="^(first|none)$")  # creative id the ad ranker sees
     ranking_position: int = Field(0, ge=0)  # position the ad ranker predicts at (position-normalised)
     default_ctr: float = Field(0.02, gt=0, lt=1)  # CTR used when neither model nor store knows better

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+import anyio
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
@@ -39,6 +40,7 @@ from models.registry import RegistryError, RegistryReadOnly
 from online.index import AdIndex
 from online.metrics import ServeMetrics
 from online.models import ModelLoader
+from online.hotpath import encode_ad_response
 from online.service import AdRequestData, AdService
 
 log = logging.getLogger(__name__)
@@ -295,7 +297,16 @@ def create_app(
     @app.post("/v1/ads", response_model=AdResponse, summary="Ads for one search result page",
               responses={409: {"description": "request_id already used"}, 413: {"description": "body too large"},
                          422: {"description": "invalid request (also: context.event_time out of bounds)"}})
-    def post_ads(body: AdRequest) -> Any:  # type: ignore[valid-type]
+    async def post_ads(body: AdRequest) -> Any:  # type: ignore[valid-type]
+        # the pipeline runs on serve.request_threads threads of its own: a queue in the event loop, not
+        # dozens of threads passing the GIL to each other at every torch call (docs/speed.md "Serving")
+        if limiter[0] is None:
+            limiter[0] = anyio.CapacityLimiter(settings.request_threads)
+        return await anyio.to_thread.run_sync(answer_ads, body, limiter=limiter[0])
+
+    limiter: list[Any] = [None]  # made on the first request, inside the server's event loop
+
+    def answer_ads(body) -> Any:
         context = body.context or {}
         et = context.get("event_time")
         if isinstance(et, (int, float)) and not isinstance(et, bool):
@@ -317,7 +328,9 @@ def create_app(
         req = AdRequestData(user_id=body.user_id, query=body.query, slots=body.slots,
                             domain=body.domain or settings.domains[0], request_id=body.request_id,
                             context=context)
-        return service.handle(req)
+        out = service.handle(req)
+        encoded = encode_ad_response(out)  # one pass (online/hotpath.py); None: FastAPI validates as before
+        return out if encoded is None else Response(encoded, media_type="application/json")
 
     @app.get("/healthz", summary="Liveness")
     def healthz() -> dict[str, str]:

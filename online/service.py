@@ -260,7 +260,8 @@ class AdService:
             return out
         get = row.get
         for name, col in names:
-            out[name] = _num(get(col))
+            v = get(col)  # _num, with its common case (a finite float) inlined: this runs ~400 times a request
+            out[name] = v if type(v) is float and v - v == 0.0 else _num(v)
         return out
 
     def request_features(self, req: AdRequestData, category: str | None, user_row: dict | None,

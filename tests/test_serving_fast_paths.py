@@ -58,3 +58,59 @@ def test_vectorised_creative_choice_falls_back_on_ragged_groups():
     got = stage.rank(None, lambda: [], cands, rows, [0.02, 0.05], "r", [])
     assert got.best == [1, 0]
     assert got.scores[1] == [0.05]
+
+
+def _result(rng: random.Random) -> dict:
+    ads = []
+    for pos in range(rng.randint(0, 6)):
+        pctr = rng.choice([rng.random(), 0.0, 1, float("nan"), 1e-300])
+        bid = rng.choice([rng.uniform(0.1, 9), 2, 1e16])
+        a = {"ad_id": f"a{pos}", "creative_id": f"a{pos}-c1", "bidword": rng.choice(["tv", "télé", "電視"]),
+             "category": "c/l", "bid": bid, "pctr": pctr, "ecpm": pctr * bid, "position": pos,
+             "source": rng.choice(["index", "gram", "category"])}
+        if rng.random() < 0.3:
+            a["code"] = "3-1-4"
+        ads.append(a)
+    return {"request_id": f"r{rng.randint(0, 99)}", "ads": ads,
+            "model_versions": {"ctr": "v3", "creative": "beta-v1"}, "degraded": rng.choice([[], ["features"]])}
+
+
+def _typed(x):
+    if isinstance(x, dict):
+        return {k: _typed(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_typed(v) for v in x]
+    return type(x).__name__, x
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_response_encoding_equals_the_response_model(seed):
+    import json
+
+    from online.app import AdResponse
+    from online.hotpath import encode_ad_response
+
+    out = _result(random.Random(seed))
+    # what FastAPI writes for a response_model (pydantic's dump_json: a non-finite float is null)
+    want = json.loads(AdResponse.model_validate(out).model_dump_json())
+    got = json.loads(encode_ad_response(out))
+    assert _typed(got) == _typed(want)  # the same values of the same JSON types (2.0 is not 2)
+    assert [list(a) for a in got["ads"]] == [list(a) for a in want["ads"]]  # field order too
+    assert list(got) == list(want)
+
+
+@pytest.mark.parametrize("bad", [
+    lambda o: o["model_versions"].update(ctr=3),
+    lambda o: o["degraded"].append(None),
+    lambda o: o.update(request_id=None),
+    lambda o: o["ads"] and o["ads"][0].update(pctr="0.5"),
+    lambda o: o["ads"] and o["ads"][0].update(position=1.0),
+    lambda o: o["ads"] and o["ads"][0].pop("bidword"),
+])
+def test_response_encoding_leaves_a_result_that_does_not_fit_to_the_model(bad):
+    from online.hotpath import encode_ad_response
+
+    out = _result(random.Random(1))
+    out["ads"] = out["ads"] or _result(random.Random(2))["ads"]
+    bad(out)
+    assert encode_ad_response(out) is None
