@@ -163,25 +163,29 @@ def rows_idmap(r: dict) -> list[dict]:
 
 
 def serve_blocker(r: dict, rate: str, res: dict) -> str:
-    """What the measurement says blocks a paced rate: the service's mean time per request by stage
-    (from the stage log kept with the run), the share of a core that makes at this rate, the rate it
-    achieved and the machine's load."""
-    ours = res.get("ours") or {}
-    st = ours.get("stages") or {}
-    mean = {k: _g(st, k, "mean_ms") for k in ("features", "assemble", "ad_rank", "creative_rank", "total")}
-    parts = ", ".join(f"{k} {v:.1f}" for k, v in mean.items() if k != "total" and v is not None)
-    total, http50, got = mean["total"], ours.get("p50_ms"), ours.get("achieved_rps")
-    load = (r.get("load_avg_start") or [None])[0]
+    """What the measurement says blocks a paced rate: the cost of one request from the least loaded
+    run (the lowest rate: stage p50s from the service's stage log, and the HTTP p50), the share of a
+    core that cost makes at this rate, how long the stages took at this rate (above that cost: waiting
+    for the GIL or a core), the rate achieved and the machine's load."""
+    paced = r.get("paced") or {}
+    low = min(paced, key=float) if paced else rate
+    lo = _g(paced, low, "ours") or {}
+    cost = {k: _g(lo, "stages", k, "p50_ms") for k in ("features", "assemble", "ad_rank", "creative_rank", "total")}
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in cost.items() if k != "total" and v is not None)
+    http, here = lo.get("p50_ms"), _g(res, "ours", "stages", "total", "p50_ms")
+    got, load = _g(res, "ours", "achieved_rps"), (r.get("load_avg_start") or [None])[0]
     out = []
-    if total is not None:
-        out.append(f"pipeline {total:.1f} ms mean per request ({parts}) = {total * float(rate) / 1000:.2f} of a "
-                   f"core at {rate} req/s before HTTP")
-    if http50 is not None:
-        out.append(f"HTTP p50 {http50:.1f} ms")
+    if cost["total"] is not None:
+        out.append(f"pipeline p50 {cost['total']:.1f} ms a request at {low} req/s ({parts})")
+    if http is not None:
+        out.append(f"HTTP p50 {http:.1f} ms there, so {rate} req/s asks ~{http * float(rate) / 1000:.2f} s of "
+                   "service time a second of one process (under the GIL)")
+    if here is not None and cost["total"] and here > 1.5 * cost["total"]:
+        out.append(f"at {rate} req/s the pipeline took {here:.1f} ms at p50 (waiting for the GIL or a core)")
     if got is not None:
         out.append(f"achieved {got:g} of {rate} req/s")
     if load is not None:
-        out.append(f"load {load:.1f} on 2 cores, load generator on the same cores")
+        out.append(f"load {load:.1f} on 2 cores, the load generator on the same cores")
     return "; ".join(out) + " (bench/profile_serve.py; docs/speed.md)"
 
 
