@@ -40,7 +40,7 @@ from models.registry import RegistryError, RegistryReadOnly
 from online.index import AdIndex
 from online.metrics import ServeMetrics
 from online.models import ModelLoader
-from online.hotpath import encode_ad_response
+from online.hotpath import AdItem, AdResponse, encode_ad_response  # noqa: F401 (AdItem: the schema)
 from online.service import AdRequestData, AdService
 
 log = logging.getLogger(__name__)
@@ -91,28 +91,6 @@ def request_model(settings: ServeSettings) -> type[BaseModel]:
             return v
 
     return AdRequest
-
-
-class AdItem(BaseModel):
-    ad_id: str
-    creative_id: str
-    bidword: str
-    category: str
-    bid: float
-    pctr: float
-    ecpm: float = Field(description="pCTR x bid (ranking score)")
-    position: int = Field(description="0-based position on the page")
-    source: str = Field("index", description="retrieval source: index (literal bidword match), rewriter "
-                        "(a generated bidword), gram (generative retrieval), category (the predicted category)")
-    code: str | None = Field(None, description="GRAM: the shared code the ad was retrieved by")
-
-
-class AdResponse(BaseModel):
-    request_id: str
-    ads: list[AdItem]
-    model_versions: dict[str, str]
-    degraded: list[str] = Field(description="components served from defaults: features, ctr_model, "
-                                            "query_understanding, impression_log, rewriter, gram, ...")
 
 
 class AdminResult(BaseModel):

@@ -20,6 +20,8 @@ first and hands their pCTRs over).
 - **Logged**: ``model_versions`` gets ``creative`` (the version that chose: a registry version or
   ``beta-v1``), ``creative_ranker`` (``beta`` or the registry name) and, when on,
   ``creative_exploration``.
+- :class:`CreativeStatsCache` (``serve.creative_features = cache``): every live creative's row and
+  its ``(impressions, clicks)``, refreshed in the background.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -199,3 +203,58 @@ class CreativeStage:
             best.append(max(range(len(scores)), key=lambda i: (scores[i], -i)) if scores else 0)
             all_scores.append(scores)
         return CreativeChoice(best, ranker, version, bad, all_scores)
+
+
+class CreativeStatsCache:
+    """Creative rows of every live creative, read in the background every ``refresh_s`` seconds
+    (``serve.creative_features = cache``): the creative ranker's inputs change slowly, and reading
+    them per request costs one row per (ad, creative) pair. A failed refresh keeps the old rows."""
+
+    def __init__(self, store, index: AdIndex, refresh_s: float = 5.0, chunk: int = 2000) -> None:
+        self.store = store
+        self.index = index
+        self.refresh_s = refresh_s
+        self.chunk = chunk
+        self._data: tuple[dict[str, dict], dict[str, tuple[float, float]]] = ({}, {})  # rows, creative_stats
+        self.refreshed_at = 0.0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def refresh(self) -> int:
+        ids = self.index.live_creatives()
+        rows: dict[str, dict] = {}
+        try:
+            for i in range(0, len(ids), self.chunk):
+                rows.update(self.store.read("creative", ids[i:i + self.chunk]))
+        except Exception as e:  # noqa: BLE001
+            self.failures += 1
+            log.warning("creative cache refresh failed (%d so far): %s", self.failures, e)
+            return 0
+        self._data = (rows, {cr: creative_stats(row) for cr, row in rows.items()})  # one reference swap
+        self.refreshed_at = time.time()
+        return len(rows)
+
+    def get(self, creative_id: str) -> dict | None:
+        return self._data[0].get(creative_id)
+
+    def snapshot(self) -> tuple[dict[str, dict], dict[str, tuple[float, float]]]:
+        """The rows and their ``creative_stats`` (computed once per refresh) of one refresh."""
+        return self._data
+
+    def start(self) -> "CreativeStatsCache":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="creative-cache", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.refresh()
+            self._stop.wait(self.refresh_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None

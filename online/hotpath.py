@@ -4,7 +4,8 @@
   ~500k) leave the garbage collector's view, so a full collection scans only what requests made.
   Measured: a full collection of the unfrozen heap took 239 ms, about once per 1,000 requests,
   one stall of that length every ~10 s at 100 req/s (docs/speed.md "Serving").
-- :func:`encode_ad_response`: the response body, encoded in one pass.
+- :class:`AdResponse` (the response schema of the API docs) and :func:`encode_ad_response`: the
+  response body, encoded in one pass.
 
 FastAPI would validate the service's result against ``AdResponse`` (``response_model``), turn it into
 plain data (``jsonable_encoder``) and then ``json.dumps`` it: three passes over the same small dict on
@@ -21,6 +22,29 @@ import gc
 from typing import Any
 
 import msgspec
+from pydantic import BaseModel, Field
+
+class AdItem(BaseModel):
+    ad_id: str
+    creative_id: str
+    bidword: str
+    category: str
+    bid: float
+    pctr: float
+    ecpm: float = Field(description="pCTR x bid (ranking score)")
+    position: int = Field(description="0-based position on the page")
+    source: str = Field("index", description="retrieval source: index (literal bidword match), rewriter "
+                        "(a generated bidword), gram (generative retrieval), category (the predicted category)")
+    code: str | None = Field(None, description="GRAM: the shared code the ad was retrieved by")
+
+
+class AdResponse(BaseModel):
+    request_id: str
+    ads: list[AdItem]
+    model_versions: dict[str, str]
+    degraded: list[str] = Field(description="components served from defaults: features, ctr_model, "
+                                            "query_understanding, impression_log, rewriter, gram, ...")
+
 
 _ENCODER = msgspec.json.Encoder()
 _NUM = (float, int)

@@ -32,7 +32,7 @@ from typing import Any, Callable
 from core.events import Impression
 from core.ports import EventSink
 from core.settings import ServeSettings
-from online.creative import CreativeChoice, CreativeStage, creative_stats
+from online.creative import CreativeChoice, CreativeStage, CreativeStatsCache, creative_stats
 from online.index import AdIndex, Candidate, CountsClassifier, IndexRewriter, QueryClassifier, QueryRewriter
 from online.metrics import ServeMetrics
 from online.models import BetaCreativeRanker, LoadedModel, ModelLoader, pin_torch_threads, predict_or_baseline
@@ -114,61 +114,6 @@ class FeatureReader:
     @property
     def healthy(self) -> bool:
         return self.store is not None and time.monotonic() >= self._down_until
-
-
-class CreativeStatsCache:
-    """Creative rows of every live creative, read in the background every ``refresh_s`` seconds
-    (``serve.creative_features = cache``): the creative ranker's inputs change slowly, and reading
-    them per request costs one row per (ad, creative) pair. A failed refresh keeps the old rows."""
-
-    def __init__(self, store, index: AdIndex, refresh_s: float = 5.0, chunk: int = 2000) -> None:
-        self.store = store
-        self.index = index
-        self.refresh_s = refresh_s
-        self.chunk = chunk
-        self._data: tuple[dict[str, dict], dict[str, tuple[float, float]]] = ({}, {})  # rows, creative_stats
-        self.refreshed_at = 0.0
-        self.failures = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def refresh(self) -> int:
-        ids = self.index.live_creatives()
-        rows: dict[str, dict] = {}
-        try:
-            for i in range(0, len(ids), self.chunk):
-                rows.update(self.store.read("creative", ids[i:i + self.chunk]))
-        except Exception as e:  # noqa: BLE001
-            self.failures += 1
-            log.warning("creative cache refresh failed (%d so far): %s", self.failures, e)
-            return 0
-        self._data = (rows, {cr: creative_stats(row) for cr, row in rows.items()})  # one reference swap
-        self.refreshed_at = time.time()
-        return len(rows)
-
-    def get(self, creative_id: str) -> dict | None:
-        return self._data[0].get(creative_id)
-
-    def snapshot(self) -> tuple[dict[str, dict], dict[str, tuple[float, float]]]:
-        """The rows and their ``creative_stats`` (computed once per refresh) of one refresh."""
-        return self._data
-
-    def start(self) -> "CreativeStatsCache":
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="creative-cache", daemon=True)
-            self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.refresh()
-            self._stop.wait(self.refresh_s)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
 
 
 def _num(v: Any) -> float | None:
