@@ -6,9 +6,10 @@ load comes from a separate process (``--loadgen``): an open-loop asyncio generat
 request ``i`` at ``t0 + i / rate`` whatever happened to the earlier ones, and measures each latency
 from that *scheduled* time to the response, so a stall delays every request due during it and
 shows in the tail (a closed-loop client such as wrk without pacing would wait instead and hide
-it). For each rate in ``--rates`` the service runs twice, alternating: as configured ("ours":
-Peri-CR parallel ranking) and with sequential ranking (the baseline), and the stage timings the
-service records are kept with each run.
+it). For each rate in ``--rates`` the service runs twice, alternating: as configured ("ours": the
+settings' ``parallel_ranking``, sequential by default) and with the other ranking mode (the
+baseline: Peri-CR parallel ranking, the creative ranker in a thread beside the ad ranker), and the
+stage timings the service records are kept with each run.
 
     PYTHONPATH=. .venv/bin/python bench/bench_serve_paced.py --rates 50 100 200 --seconds 15
 """
