@@ -87,11 +87,20 @@ def rows_freshness(r: dict) -> list[dict]:
     if fast:
         p99 = _g(fast, "freshness_worker", "p99_s")
         base = _g(feast, "freshness_worker", "p99_s") if feast else None
+        tp = _g(fast, "throughput", "events_per_s")
+        push50, push99 = _g(fast, "push_s", "p50_s"), _g(fast, "push_s", "p99_s")
+        if tp is not None and r.get("rate_target") and tp < r["rate_target"]:
+            why = "one updater process drains below the offered rate on this machine (see the drain row)"
+        elif push50 is not None and push99 is not None:
+            why = (f"batching, not throughput (the drain row is above the offered rate): an event waits up to the "
+                   f"flush interval ({r.get('flush_interval_s')} s) for its push, then the fold and the push "
+                   f"({push50:.2f} s p50 / {push99:.2f} s p99 for ~{fast.get('rows_per_push_p50')} rows); a shorter "
+                   "interval did not help here (docs/speed.md)")
+        else:
+            why = "see the drain row and docs/speed.md"
         out.append(row(f"feature freshness p99 at {r.get('rate_target'):g} ev/s (s)", p99, base,
                        "same updater through Feast's Redis provider", "<= 1 s", None if p99 is None else p99 <= 1.0,
-                       "s", "one updater process drains below the offered rate on this machine (see the drain row)",
-                       higher_is_better=False))
-        tp = _g(fast, "throughput", "events_per_s")
+                       "s", why, higher_is_better=False))
         tpb = _g(feast, "throughput", "events_per_s") if feast else None
         out.append(row("feature updater drain (events/s, 1 process)", tp, tpb,
                        "same updater through Feast's Redis provider", ">= 20k ev/s", None if tp is None else tp >= 20_000,
@@ -103,9 +112,13 @@ def rows_freshness(r: dict) -> list[dict]:
 def rows_read(r: dict) -> list[dict]:
     fast = _g(r, "latency_ms", "redis-fast", "user+ad", "p99")
     feast = _g(r, "latency_ms", "redis-feast", "user+ad", "p99")
+    p50 = _g(r, "latency_ms", "redis-fast", "user+ad", "p50")
+    c50, c99 = (_g(r, "client_cpu_ms", "redis-fast", "user+ad", q) for q in ("p50", "p99"))
+    why = (f"p50 {p50} ms, of which {c50} ms (p99 {c99} ms) is client CPU: decoding and building a dict per row "
+           f"for 201 rows in Python, the rest the Redis round trip; load {_g(r, 'machine', 'load_avg_1m')}"
+           if None not in (p50, c50, c99) else "the client builds a dict per row in Python")
     return [row("feature read, 1 user + 200 ads, p99 (ms)", fast, feast, "Feast's online_read on the same Redis",
-                "<= 2 ms", None if fast is None else fast <= 2.0, "ms",
-                "machine load (p50 in the JSON); the client builds a dict per row in Python", higher_is_better=False)]
+                "<= 2 ms", None if fast is None else fast <= 2.0, "ms", why, higher_is_better=False)]
 
 
 def rows_trainer(r: dict) -> list[dict]:
