@@ -13,8 +13,9 @@ Hygiene, for every run:
   defaults land there), and at the end the repository is checked for files the run left behind:
   any new untracked or ignored file fails the session ("tests write only under temporary
   directories").
-- A test skipped because a service is missing (``tests.harness.SERVICE_MISSING``) is a failure when
-  ``ADSTREAM_REQUIRE_SERVICES`` (``make test``) or ``CI`` is set: never a green run without them.
+- A test whose service is missing (``tests.harness.skip_service_missing``) fails when
+  ``ADSTREAM_REQUIRE_SERVICES`` (``make test``) or ``CI`` is set, and is skipped only otherwise:
+  never a green run without the services.
 - ``unique_topic_prefix`` / ``topic_names`` / ``kafka_settings``: names no other test uses, so tests
   on the shared broker do not interfere.
 """
@@ -32,26 +33,9 @@ import pytest
 
 from core.settings import BrokerSettings, KafkaSettings, TopicNames
 from streams.broker import EmbeddedBroker
-from tests.harness import SERVICE_MISSING, ExternalBroker, RedisServer, RedisUnavailable
+from tests.harness import ExternalBroker, RedisServer, RedisUnavailable, skip_service_missing
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def require_services() -> bool:
-    return any(os.environ.get(v, "").strip().lower() not in ("", "0", "false", "no")
-               for v in ("ADSTREAM_REQUIRE_SERVICES", "CI"))
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    rep = outcome.get_result()
-    if rep.skipped and require_services():
-        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
-        if SERVICE_MISSING in str(reason):
-            rep.outcome = "failed"
-            rep.longrepr = (f"{reason}\n(a skip for a missing service is a failure under `make test` and CI: "
-                            "ADSTREAM_REQUIRE_SERVICES / CI is set)")
 
 
 # ---- tests write only under temporary directories --------------------------------------------
@@ -153,7 +137,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     try:
         server = RedisServer(tmp_path_factory.mktemp("redis"))
     except RedisUnavailable as e:
-        pytest.skip(SERVICE_MISSING + str(e))
+        skip_service_missing(str(e))
     server.start()
     try:
         yield server
