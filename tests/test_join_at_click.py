@@ -12,8 +12,8 @@ import json
 import random
 
 from core.events import Click, Conversion, Impression
-from streams import join_offsets
 from streams.join import CLICK, CONVERSION, IMPRESSION, JoinState, join_offline
+from tests.test_join_logic import crash_and_restart
 
 
 def imp(rid, t):
@@ -141,25 +141,8 @@ def test_a_crash_anywhere_re_emits_nothing_with_other_content():
     recs = _records(_events(3))
     want = _by_stage(join_offline(recs, 30, 2, emit_at_click=True)[0])
     for crash_at in range(0, len(recs), 17):
-        st = JoinState(30, 2, emit_at_click=True)
-        for r in recs[:crash_at]:
-            st.add(*r)
-            st.part(0).advance(st.out)
+        st, st2 = crash_and_restart(recs, crash_at, emit_at_click=True)
         got = _by_stage(st.out.examples)
-        commit = st.committable()
-        meta = {k: join_offsets.encode(off, st.done_runs(k, 0, off)) for (k, _), off in commit.items()}
-        st2 = JoinState(30, 2, emit_at_click=True)
-        for k, off in commit.items():
-            st2.set_done(k[0], 0, join_offsets.decode(off, meta[k[0]]))
-        for kind, part, off, ev in recs:
-            if off < commit.get((kind, 0), 0):
-                continue
-            if st2.is_done(kind, part, off):
-                st2.skip_done(kind, part, off, ev.event_time)
-                continue
-            st2.add(kind, part, off, ev)
-            st2.part(0).advance(st2.out)
-        st2.advance(flush_all=True)
         for k, raw in _by_stage(st2.out.examples).items():
             assert got.get(k, raw) == raw, f"crash at {crash_at}: {k} re-emitted with other content"
             got[k] = raw

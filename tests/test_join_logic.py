@@ -248,38 +248,45 @@ def _stream(seed: int, n: int = 300):
     return recs
 
 
+def crash_and_restart(recs, crash_at: int, **state_kw) -> tuple[JoinState, JoinState]:
+    """A worker that read ``recs[:crash_at]`` and died, and the next owner: it restarts from the
+    committed offsets with the done offsets committed as metadata, reads to the end and flushes.
+    Returns both states (their outputs in ``.out``)."""
+    from streams import join_offsets
+
+    st = JoinState(30, 2, **state_kw)
+    for r in recs[:crash_at]:
+        st.add(*r)
+        st.part(0).advance(st.out)
+    commit = st.committable()
+    meta = {k: join_offsets.encode(off, st.done_runs(k, 0, off)) for (k, _), off in commit.items()}
+    st2 = JoinState(30, 2, **state_kw)
+    for k, off in commit.items():
+        st2.set_done(k[0], 0, join_offsets.decode(off, meta[k[0]]))
+    for kind, part, off, ev in recs:
+        if off < commit.get((kind, 0), 0):
+            continue
+        if st2.is_done(kind, part, off):
+            st2.skip_done(kind, part, off, ev.event_time)
+            continue
+        st2.add(kind, part, off, ev)
+        st2.part(0).advance(st2.out)
+    st2.advance(flush_all=True)
+    return st, st2
+
+
 def test_a_restart_with_done_offsets_emits_no_duplicate_and_no_spurious_orphan():
     """Crash at every point, restart from the committed offsets plus the done offsets committed as
     metadata: the union of the outputs is the uninterrupted output, no example comes out twice and
     no click is dead-lettered as an orphan (this stream has none)."""
-    from streams import join_offsets
-
     recs = _stream(3)
     full, full_dead = join_offline(recs, 30, 2)
     assert not full_dead
     expected = {e.key: e.to_json() for e in full}
     orphans = duplicates = 0
     for crash_at in range(0, len(recs), 23):
-        st = JoinState(30, 2)
-        for r in recs[:crash_at]:
-            st.add(*r)
-            st.part(0).advance(st.out)
+        st, st2 = crash_and_restart(recs, crash_at)
         got = {e.key: e.to_json() for e in st.out.examples}
-        commit = st.committable()
-        meta = {k: join_offsets.encode(off, st.done_runs(k, 0, off)) for (k, _), off in commit.items()}
-        # the next owner
-        st2 = JoinState(30, 2)
-        for k, off in commit.items():
-            st2.set_done(k[0], 0, join_offsets.decode(off, meta[k[0]]))
-        for kind, part, off, ev in recs:
-            if off < commit.get((kind, 0), 0):
-                continue
-            if st2.is_done(kind, part, off):
-                st2.skip_done(kind, part, off, ev.event_time)
-                continue
-            st2.add(kind, part, off, ev)
-            st2.part(0).advance(st2.out)
-        st2.advance(flush_all=True)
         for e in st2.out.examples:
             assert got.get(e.key, e.to_json()) == e.to_json(), "same key must carry the same content"
             duplicates += e.key in got
