@@ -209,6 +209,30 @@ def decode_events(
     return evs, errors
 
 
+def decode_mixed(
+    values: Sequence[bytes | None],
+    classes: Sequence[type[Event]],
+    nows: Sequence[float],
+    max_future_s: float = MAX_FUTURE_S,
+    as_events: bool = True,
+) -> list[Any]:
+    """Records of several event types (``classes[i]`` is record ``i``'s: a batch consumed from
+    several topics) decoded at once per type, in input order: each an event (its dict with
+    ``as_events=False``) or its :class:`InvalidRecord`."""
+    out: list[Any] = [None] * len(values)
+    groups: dict[type[Event], list[int]] = {}
+    for i, cls in enumerate(classes):
+        groups.setdefault(cls, []).append(i)
+    decode_group = decode_events if as_events else decode_batch
+    for cls, idx in groups.items():
+        got, errors = decode_group([values[i] for i in idx], cls, [nows[i] for i in idx], max_future_s)
+        for j, x in enumerate(got):
+            out[idx[j]] = x
+        for j, err in errors:
+            out[idx[j]] = err
+    return out
+
+
 def _reference_dict(raw: Any, expected: type[Event], now: float | None, max_future_s: float) -> dict[str, Any]:
     return decode(raw, expected, now=now, max_future_s=max_future_s).to_dict()
 

@@ -6,7 +6,7 @@ owns (``features.aggregates.owner``), so N processes write disjoint rows whose u
 process writes.
 
 Loop
-    consume -> ``core.codec.decode_batch`` per consumed batch (bad record -> dead-letter topic with the reason, counted,
+    consume -> ``core.codec.decode_mixed`` per consumed batch (bad record -> dead-letter topic with the reason, counted,
     never a crash) -> :class:`features.aggregates.AggregateState` -> every
     ``features.flush_interval_s`` the dirty rows are pushed to the online store, one write per entity
     type.
@@ -44,7 +44,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from core import atomic
 from core.errors import AdstreamError, ConfigError, InvalidRecord
-from core.codec import decode_batch
+from core.codec import decode_mixed
 from core.events import Click, Impression, record_time
 from core.logs import setup_logging, verbosity_from_env
 from core.metrics import WorkerMetrics
@@ -54,7 +54,7 @@ from features.repo import view_name
 from features.store import FeatureStoreClient, FeatureStoreUnavailable
 from streams.broker import resolve_bootstrap
 from streams.dedup import EventTimeDedup
-from streams.kafka_io import DeadLetterWriter, assign_from, checkpointed_consumer, export_lag, is_error, next_wait
+from streams.kafka_io import BatchPoller, DeadLetterWriter, assign_from, checkpointed_consumer, export_lag
 
 log = logging.getLogger(__name__)
 
@@ -168,18 +168,8 @@ class FeatureUpdater:
     def _decode_batch(self, msgs: list[Any], now: float) -> list[Any]:
         """Every record of a consumed batch decoded at once, per topic (``core.codec``: the same
         records and dead letters as ``core.events.decode``): a dict or its InvalidRecord."""
-        out: list[Any] = [None] * len(msgs)
-        by_topic: dict[str, list[int]] = {}
-        for i, m in enumerate(msgs):
-            by_topic.setdefault(m.topic(), []).append(i)
-        for topic, idx in by_topic.items():
-            recs, errors = decode_batch([msgs[i].value() for i in idx], self.expected[topic],
-                                        [record_time(msgs[i].timestamp(), now) for i in idx])
-            for j, d in enumerate(recs):
-                out[idx[j]] = d
-            for j, err in errors:
-                out[idx[j]] = err
-        return out
+        return decode_mixed([m.value() for m in msgs], [self.expected[m.topic()] for m in msgs],
+                            [record_time(m.timestamp(), now) for m in msgs], as_events=False)
 
     def _handle(self, msg: Any, now: float, dec: Any = None, fold: list[dict[str, Any]] | None = None) -> None:
         """One record; ``fold``: collect the accepted record there (the caller folds the batch at
@@ -319,11 +309,9 @@ class FeatureUpdater:
             last_msg = last_flush = last_ckpt = last_lag = time.monotonic()
             last_check = -math.inf
             unsaved = False  # something pushed or consumed since the last checkpoint
-            wait = 0.05
+            poller = BatchPoller(consumer, 5000, 0.05)
             while not stop_event.is_set():
-                raw = consumer.consume(num_messages=5000, timeout=wait)
-                wait = next_wait(len(raw), 5000, 0.05)
-                msgs = [m for m in raw if not is_error(m)]
+                msgs = poller.poll()
                 now = time.time()
                 batch: list[dict[str, Any]] = []
                 for m, dec in zip(msgs, self._decode_batch(msgs, now)):

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from core.errors import InvalidRecord
-from core.codec import decode_events
+from core.codec import decode_mixed
 from core.events import Click, Conversion, Impression, dead_letter_record
 from core.logs import setup_logging, verbosity_from_env
 from core.metrics import WorkerMetrics
@@ -168,20 +168,10 @@ def build_app(
                                   asked_at, horizons)
 
     def decode_accepted(accepted: list[tuple[str, Any, float]]) -> list[Any]:
-        """Every accepted record of a batch decoded at once, per input (``core.codec``: the same
-        events and dead letters as ``core.events.decode``): an event or its InvalidRecord."""
-        out: list[Any] = [None] * len(accepted)
-        by_kind: dict[str, list[int]] = {}
-        for i, (kind, _m, _t) in enumerate(accepted):
-            by_kind.setdefault(kind, []).append(i)
-        for kind, idx in by_kind.items():
-            evs, errors = decode_events([accepted[i][1].value for i in idx], expected[kind],
-                                        [accepted[i][2] for i in idx], max_future_s)
-            for j, ev in enumerate(evs):
-                out[idx[j]] = ev
-            for j, err in errors:
-                out[idx[j]] = err
-        return out
+        """Every accepted record of a batch decoded at once (``core.codec``: the same events and
+        dead letters as ``core.events.decode``): an event or its InvalidRecord."""
+        return decode_mixed([m.value for _k, m, _t in accepted], [expected[k] for k, _m, _t in accepted],
+                            [t for _k, _m, t in accepted], max_future_s)
 
     @app.agent(source)
     async def join(stream):

@@ -21,14 +21,14 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from core.errors import InvalidRecord
-from core.codec import decode_events
+from core.codec import decode_mixed
 from core.events import Click, Conversion, Impression, dead_letter_record, record_time
 from core.metrics import WorkerMetrics
 from core.settings import Settings
 from streams import join_offsets
 from streams.join import CLICK, CONVERSION, IMPRESSION, DeadLetter, InputProgress, JoinState
 from streams.joiner import COMMIT_INTERVAL_S, IDLE_AFTER_S, count_outputs, dead_letter_key
-from streams.kafka_io import ReliableProducer, client_config, is_error, next_wait
+from streams.kafka_io import BatchPoller, ReliableProducer, client_config
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +113,10 @@ class KafkaJoiner:
         records_in = {t: self.metrics.records_in.labels(worker, t) for t in self.kind_of_topic}
         latency = self.metrics.processing_latency.labels(worker)
         last_record = last_house = time.monotonic()
-        wait = POLL_S
+        poller = BatchPoller(c, BATCH_MAX, POLL_S)
         try:
             while not self._stop.is_set():
-                raw = c.consume(BATCH_MAX, wait)
-                wait = next_wait(len(raw), BATCH_MAX, POLL_S)
-                msgs = [m for m in raw if not is_error(m)]
+                msgs = poller.poll()
                 now = time.time()
                 mono_now = time.monotonic()
                 touched = set()
@@ -175,19 +173,8 @@ class KafkaJoiner:
     def _decode_batch(self, msgs: list, now: float) -> list:
         """Every record of a consumed batch decoded at once, per input topic (``core.codec``: the
         same events and dead letters as ``core.events.decode``): an event or its InvalidRecord."""
-        out: list = [None] * len(msgs)
-        by_topic: dict[str, list[int]] = {}
-        for i, m in enumerate(msgs):
-            by_topic.setdefault(m.topic(), []).append(i)
-        for topic, idx in by_topic.items():
-            vals = [msgs[i].value() for i in idx]
-            nows = [record_time(msgs[i].timestamp(), now) for i in idx]
-            evs, errors = decode_events(vals, self.expected[self.kind_of_topic[topic]], nows, self.max_future_s)
-            for j, ev in enumerate(evs):
-                out[idx[j]] = ev
-            for j, err in errors:
-                out[idx[j]] = err
-        return out
+        return decode_mixed([m.value() for m in msgs], [self.expected[self.kind_of_topic[m.topic()]] for m in msgs],
+                            [record_time(m.timestamp(), now) for m in msgs], self.max_future_s)
 
     def _publish(self) -> None:
         out = self.state.out

@@ -260,13 +260,21 @@ def export_lag(consumer: Consumer, tps: Iterable[TopicPartition], position_of: C
         gauge.labels(worker, tp.topic, str(tp.partition)).set(max(0, hi - position_of(tp.topic, tp.partition)))
 
 
-def next_wait(got: int, batch: int, idle_s: float) -> float:
-    """The timeout of the next ``consume(batch, timeout)``: librdkafka returns early only when the
-    batch is full, otherwise it waits the whole timeout. So: no wait after a full batch (a backlog),
-    10 ms after a partial one (records are flowing), ``idle_s`` after an empty one."""
-    if got >= batch:
-        return 0.0
-    return min(0.01, idle_s) if got else idle_s
+class BatchPoller:
+    """``consumer.consume(batch, timeout)`` for a worker loop; :meth:`poll` returns the messages that
+    are not error events. librdkafka returns early only when the batch is full, otherwise it waits
+    the whole timeout, so the next timeout is 0 after a full batch (a backlog), 10 ms after a
+    partial one (records are flowing) and ``idle_s`` after an empty one."""
+
+    def __init__(self, consumer: Consumer, batch: int, idle_s: float) -> None:
+        self.consumer, self.batch, self.idle_s = consumer, batch, idle_s
+        self.wait = idle_s
+
+    def poll(self) -> list[Any]:
+        raw = self.consumer.consume(self.batch, self.wait)
+        n = len(raw)
+        self.wait = 0.0 if n >= self.batch else (min(0.01, self.idle_s) if n else self.idle_s)
+        return [m for m in raw if not is_error(m)]
 
 
 def is_error(msg: Any) -> bool:

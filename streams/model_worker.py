@@ -49,7 +49,7 @@ from core.settings import KafkaSettings
 from models.stream_model import fingerprint_of, parts_of, problems_of
 from streams.dedup import EventTimeDedup
 from streams.delivery import DeadLetterWriter
-from streams.kafka_io import assign_from, checkpointed_consumer, export_lag, is_error, next_wait
+from streams.kafka_io import BatchPoller, assign_from, checkpointed_consumer, export_lag
 from streams.window_gate import WindowGate, f_or_none
 from streams.worker_metrics import ModelWorkerMetrics
 
@@ -430,11 +430,9 @@ class ModelWorker:
                      self.topic, len(tps), f"windows of {cfg.window_seconds:g}s event time" if cfg.window_seconds
                      else f"windows of {cfg.window_examples} examples", cfg.registry_dir)
             last_msg = last_lag = time.monotonic()
-            wait = 0.1
+            poller = BatchPoller(consumer, 1000, 0.1)
             while not stop_event.is_set():
-                raw = consumer.consume(num_messages=1000, timeout=wait)
-                wait = next_wait(len(raw), 1000, 0.1)
-                msgs = [m for m in raw if not is_error(m)]
+                msgs = poller.poll()
                 now = self.clock()
                 decoded = self._decode_all(msgs, now) if msgs else None
                 try:
