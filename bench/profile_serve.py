@@ -45,6 +45,9 @@ def main() -> int:
     ap.add_argument("--threaded-read", action="store_true",
                     help="keep the feature read on its pool thread (as served); by default the profile runs it in "
                          "the calling thread so cProfile sees its cost")
+    ap.add_argument("--thread", choices=("main", "pool"), default="main",
+                    help="where the timed requests run: this thread or a fresh pool thread (what FastAPI's worker "
+                         "threads are; AdService.handle pins torch's threads there, online.models.pin_torch_threads)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     from bench.bench_serve import QUERY, NullSink, build_inventory, push_features, train_model
@@ -71,12 +74,23 @@ def main() -> int:
             svc.features._pool = _InlinePool()
         for _ in range(30):
             svc.handle(AdRequestData("bu001", QUERY, 5))
-        t, c = time.perf_counter(), time.process_time()
-        for i in range(a.requests):
-            svc.handle(AdRequestData(f"bu{i % 100:03d}", QUERY, 5))
+
+        def timed() -> tuple[float, float]:
+            t, c = time.perf_counter(), time.process_time()
+            for i in range(a.requests):
+                svc.handle(AdRequestData(f"bu{i % 100:03d}", QUERY, 5))
+            return time.perf_counter() - t, time.process_time() - c
+
+        if a.thread == "main":
+            wall, cpu = timed()
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(1) as ex:
+                wall, cpu = ex.submit(timed).result()
         n = a.requests
-        print(f"per request: {(time.perf_counter() - t) / n * 1e3:.2f} ms wall, "
-              f"{(time.process_time() - c) / n * 1e3:.2f} ms CPU (all threads of this process)")
+        print(f"per request ({a.thread} thread): {wall / n * 1e3:.2f} ms wall, {cpu / n * 1e3:.2f} ms CPU "
+              "(all threads of this process)")
         pr = cProfile.Profile()
         pr.enable()
         for i in range(a.requests):
