@@ -153,6 +153,15 @@ class TrainerSettings(BaseModel):
     gate_logloss_margin: float = Field(0.01, ge=0)
     gate_calibration_margin: float = Field(0.4, ge=0)  # log scale: e^0.4 ≈ 1.5x more over/under-prediction
     on_reject: str = Field("reset", pattern="^(reset|continue)$")
+    # label-rate guard (streams/label_guard.py, docs/trainer.md): a window whose click rate is at least
+    # ratio x the median of the last `history` windows and min_z standard errors above it is held as
+    # suspect, and the candidate that learned it rejected; a rise lasting accept_after windows in a row
+    # is taken as the new rate; None turns it off
+    label_guard_ratio: float | None = Field(4.0, gt=1)
+    label_guard_min_z: float = Field(4.0, ge=0)
+    label_guard_history: int = Field(8, ge=1)
+    label_guard_warmup: int = Field(3, ge=1)
+    label_guard_accept_after: int = Field(3, ge=1)
     # stream hygiene and stop conditions
     # de-duplication by key over an event-time horizon (None = the joiner's re-emission horizon:
     # join.attribution_window_s + join.allowed_lateness_s + 120 s); dedup_max_keys bounds memory

@@ -129,12 +129,15 @@ class ModelWorker:
         record_keys: also write each window's record keys into windows.jsonl (tests, audits).
         clock: wall clock (``created_at``, freshness, the decoder's clock-skew check).
         dead_letters: a ``DeadLetterWriter`` (one on ``config.dead_letter_topic`` by default).
+        guard: a window guard (``streams.label_guard.LabelRateGuard``): the candidate that learned a
+            window it holds as suspect is rejected at the next gate and the learner reset.
     """
 
     def __init__(self, model: Any, config: WorkerConfig, bootstrap: str, kafka: KafkaSettings | None = None,
                  shadows: Mapping[str, Any] | None = None, metrics: ModelWorkerMetrics | None = None,
                  on_window: Callable[[dict[str, Any]], None] | None = None, record_keys: bool = False,
-                 clock: Callable[[], float] = time.time, dead_letters: DeadLetterWriter | None = None) -> None:
+                 clock: Callable[[], float] = time.time, dead_letters: DeadLetterWriter | None = None,
+                 guard: Any = None) -> None:
         self.model = model
         self.cfg = config
         self.name = model.name
@@ -152,6 +155,7 @@ class ModelWorker:
         self.dead_letters = dead_letters or DeadLetterWriter(bootstrap, config.dead_letter_topic,
                                                              metrics=self.metrics.worker, worker=config.worker)
         self.gate = WindowGate(self, config.registry_dir)
+        self.guard = guard
         self.metrics.bind(self.name, list(parts_of(model)))
         if config.min_window > config.window_examples and config.window_seconds is None:
             log.warning("min_window %d > window_examples %d: a final partial window never trains",
@@ -165,6 +169,7 @@ class ModelWorker:
         self.newest_event_time = math.nan
         self.newest_append_ts = math.nan
         self.last_window: dict[str, Any] | None = None
+        self.suspect: str | None = None  # why the guard held the last window learned, if it did
         # in memory only
         self.pos: dict[int, int] = {}  # next offset per partition after the last record read
         self.buffer: list[dict[str, Any]] = []
@@ -207,6 +212,10 @@ class ModelWorker:
             self.newest_event_time = float(data["newest_event_time"])
             self.newest_append_ts = float(data["newest_append_ts"])
             self.last_window = data.get("last_window")
+            guard = data.get("guard") or {}
+            self.suspect = guard.get("suspect")
+            if self.guard is not None:
+                self.guard.restore(guard.get("state"))
         except ConfigError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -271,6 +280,7 @@ class ModelWorker:
             "dedup": self.dedup.state(), "gate": self.gate.checkpoint_state(),
             "examples_trained": self.examples_trained, "newest_event_time": self.newest_event_time,
             "newest_append_ts": self.newest_append_ts, "last_window": self.last_window,
+            "guard": {"suspect": self.suspect, "state": self.guard.state() if self.guard is not None else None},
             "written_at": self.clock(),
         })
         self._pending_checkpoint = False
@@ -356,7 +366,7 @@ class ModelWorker:
         # 1. gate: candidate (trained through k-1) vs serving, both on window k
         t_gate = time.perf_counter()
         if k > 0:
-            self.gate.run(k, records, rec, append_max)
+            self.gate.run(k, records, rec, append_max, suspect=self.suspect)
         else:
             rec.update(gate="none", version=None)
             rec.update({key: None for key in self.gate.score_keys()})
@@ -370,13 +380,20 @@ class ModelWorker:
             else:
                 rec.update({f"{label}_{key}": None for key in self.gate.score_keys()})
             sh.learn(records)
-        # 3. learn window k
+        # 3. the guard judges window k: the next gate rejects the candidate that learns a suspect one
+        if self.guard is not None:
+            self.suspect = self.guard.judge(records)
+            if self.suspect:
+                rec["suspect"] = self.suspect
+                self.metrics.suspect_windows.labels(self.name).inc()
+                log.warning("window %d held as suspect: %s; its candidate will be rejected", k, self.suspect)
+        # 4. learn window k
         t_learn = time.perf_counter()
         stats = self.model.learn(records) or {}
         learn_s = time.perf_counter() - t_learn
         rec["train_seconds"] = round(learn_s, 4)
         rec["loss"] = f_or_none(stats.get("loss"))
-        # 4. bookkeeping, windows.jsonl, checkpoint
+        # 5. bookkeeping, windows.jsonl, checkpoint
         self.window = k + 1
         self.windows_this_run += 1
         self.offsets = dict(self.pos)

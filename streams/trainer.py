@@ -22,6 +22,7 @@ from core.errors import AdstreamError, ConfigError
 from core.logs import setup_logging, verbosity_from_env
 from core.settings import Settings, TrainerSettings, load_settings
 from streams.broker import resolve_bootstrap
+from streams.label_guard import LabelRateGuard
 from streams.model_worker import ModelWorker, WorkerConfig, run_worker
 from streams.worker_metrics import ModelWorkerMetrics
 
@@ -152,6 +153,14 @@ class TrainerMetrics(ModelWorkerMetrics):
         super().__init__(worker_metrics, worker=WORKER)
 
 
+def label_guard(ts: TrainerSettings) -> LabelRateGuard | None:
+    """The trainer's label-rate guard on the click label (None when ``label_guard_ratio`` is None)."""
+    if ts.label_guard_ratio is None:
+        return None
+    return LabelRateGuard(ts.label_guard_ratio, ts.label_guard_min_z, ts.label_guard_history,
+                          min(ts.label_guard_warmup, ts.label_guard_history), ts.label_guard_accept_after)
+
+
 class CTRTrainer(ModelWorker):
     """The CTR model (``CTRStreamModel``, + a shadow learner with ``compare``) on the stream model
     worker, configured by ``settings``. Keywords go to :class:`streams.model_worker.ModelWorker`."""
@@ -160,6 +169,7 @@ class CTRTrainer(ModelWorker):
         ts = self.ts = settings.trainer
         self.settings = settings
         shadows = {"shadow": ctr_model(ts, ts.compare, name=f"{ts.model_name}-shadow")} if ts.compare else None
+        kw.setdefault("guard", label_guard(ts))
         super().__init__(ctr_model(ts), worker_config(settings), resolve_bootstrap(settings), settings.kafka,
                          shadows=shadows, metrics=metrics or TrainerMetrics(), **kw)
 
@@ -225,6 +235,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "e^X more than the serving model (log scale; 0.4 = 1.5x)")
     p.add_argument("--on-reject", choices=("reset", "continue"),
                    help="after a rejection: reset the learner to the serving model (default) or continue")
+    p.add_argument("--label-guard", type=float, metavar="RATIO",
+                   help="hold a window whose click rate is RATIO x the recent windows' (and 4 standard errors above) "
+                   "as suspect and reject the candidate that learned it (default 4; 0 = off)")
     p.add_argument("--batch-size", type=int, metavar="N")
     p.add_argument("--capacity", type=int, metavar="ROWS", help="rows of the largest embedding table")
     p.add_argument("--max-windows", type=int, metavar="N", help="stop after N windows in this run")
@@ -251,6 +264,8 @@ def settings_for(args: argparse.Namespace, settings: Settings) -> Settings:
     if getattr(args, "gate_margin", None) is not None:
         upd.setdefault("gate_auc_margin", args.gate_margin)
         upd.setdefault("gate_logloss_margin", args.gate_margin)
+    if getattr(args, "label_guard", None) is not None:
+        upd["label_guard_ratio"] = args.label_guard or None
     if getattr(args, "window_examples", None) is not None:
         upd["window_seconds"] = None
     if not upd:

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 RESERVED = {"window", "examples", "partial", "event_time_min", "event_time_max", "gate", "gate_reason", "version",
             "reset_to", "published_at", "publish_freshness_s", "serving_version", "judged_against", "parts", "keys",
             "train_seconds", "gate_seconds", "loss", "examples_trained", "wall_time", "run_id", "created_at",
-            "name", "config", "strategy"}
+            "name", "config", "strategy", "suspect"}
 
 
 def f_or_none(x: Any) -> Any:
@@ -113,7 +113,10 @@ class WindowGate:
         return out
 
     # ---- one gate ------------------------------------------------------------------------------
-    def run(self, k: int, records: list[dict[str, Any]], rec: dict[str, Any], append_max: float) -> None:
+    def run(self, k: int, records: list[dict[str, Any]], rec: dict[str, Any], append_max: float,
+            suspect: str | None = None) -> None:
+        """Judge the candidate (trained through window k-1) on window k. ``suspect``: why the worker's
+        guard held window k-1; then every part is rejected (and reset) whatever its scores."""
         w, model = self.w, self.w.model
         parts = parts_of(model)
         judged: dict[str, tuple[dict, tuple[str, Any] | None, dict | None]] = {}
@@ -130,6 +133,9 @@ class WindowGate:
             judged[name] = (cand, serving, sv)
             raw_decisions[name] = self._gate_for(part).decide(cand, sv)
         decisions = joint_decision(raw_decisions, w.cfg.joint)
+        if suspect:
+            held = f"learned window {k - 1}, held as suspect: {suspect}"
+            decisions = {n: (False, held if ok else f"{why}; {held}") for n, (ok, why) in decisions.items()}
         earlier = {}
         if self.check_registry_for_window == k:
             self.check_registry_for_window = None
@@ -178,7 +184,7 @@ class WindowGate:
                     w.metrics.publish_freshness.labels(name).set(fresh)
             else:
                 log.warning("window %d: %s candidate rejected (%s), kept as %s", k, name, reason, version)
-                if serving is not None and w.cfg.on_reject == "reset":
+                if serving is not None and (w.cfg.on_reject == "reset" or suspect):
                     to_reset[name] = serving
             part_recs[name] = prec
         if to_reset:

@@ -31,6 +31,8 @@ class ModelWorkerMetrics:
         self.duplicates = Counter(f"{p}_duplicates", "Examples dropped as duplicates (same key)", ["name"],
                                   registry=r)
         self.windows_trained = Counter(f"{p}_windows_trained", "Windows trained", ["name"], registry=r)
+        self.suspect_windows = Counter(f"{p}_suspect_windows", "Windows the label-rate guard held as suspect "
+                                       "(their candidate is rejected)", ["name"], registry=r)
         self.gate_decisions = Counter(f"{p}_gate_decisions", "Gate decisions by outcome", ["name", "outcome"],
                                       registry=r)
         self.window_score = Gauge(f"{p}_window_score", "A score() value on the latest window before training on it",
@@ -65,6 +67,7 @@ class ModelWorkerMetrics:
         for n in {job, *parts}:
             self.examples_trained.labels(n)
             self.windows_trained.labels(n)
+            self.suspect_windows.labels(n)
             self.duplicates.labels(n)
         self.model_age.labels(job).set_function(lambda: time.time() - self.newest_event_time.get(job, math.nan))
         for n in parts:

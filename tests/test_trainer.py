@@ -257,8 +257,10 @@ def test_poisoned_window_is_rejected_and_serving_kept(bootstrap, topic_names, tm
     for ex in exs[3 * w:4 * w]:  # window 3: labels flipped
         ex.clicked = 1 - ex.clicked
     produce(bootstrap, topic_names.examples, exs)
-    # the default gate (docs/trainer.md, "Gate")
-    settings = make_settings(bootstrap, topic_names, tmp_path, partitions=1, window_examples=w, idle_exit_s=2.0)
+    # the default gate (docs/trainer.md, "Gate") on its own: the label-rate guard (which would hold window 3,
+    # 95 % clicked) is off here; test_poison_across_two_windows_is_held_by_the_label_guard has it on
+    settings = make_settings(bootstrap, topic_names, tmp_path, partitions=1, window_examples=w, idle_exit_s=2.0,
+                             label_guard_ratio=None)
     metrics = TrainerMetrics()
     out = run_trainer(settings, metrics=metrics, metrics_port=0)
     assert out["windows"] == 6
@@ -286,6 +288,53 @@ def test_poisoned_window_is_rejected_and_serving_kept(bootstrap, topic_names, tm
                                              {**CTR, "outcome": "reject"}) == out["rejected"]
     # after the reset, window 5's candidate (serving + window 4) is healthy again
     assert rows[5]["logloss"] < r4["logloss"]
+
+
+def poison_across_two_windows(w: int, seed: int) -> tuple[list[Example], set[str]]:
+    """Five clean windows of ``w``, then a burst of ``w`` all-clicked examples that lands in the
+    middle of window 5 (half of window 5, half of window 6), then clean windows 6-8."""
+    exs = world_examples(9 * w, seed=seed)
+    burst = world_examples(w, seed=seed + 100)
+    for i, ex in enumerate(burst):
+        ex.request_id, ex.clicked = f"burst-{i}", 1
+    at = 5 * w + w // 2
+    return exs[:at] + burst + exs[at:8 * w], {ex.key for ex in burst}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("guard", [True, False], ids=["guard", "no-guard"])
+def test_poison_across_two_windows_is_held_by_the_label_guard(bootstrap, topic_names, tmp_path, one_torch_thread,
+                                                              guard):
+    """A click burst split across two windows fools the next-window gate (the candidate that learned
+    the first half is judged on the second half, and wins there); the label-rate guard holds both
+    windows, so no version that learned them is published."""
+    from models.registry import ModelRegistry
+    from streams.trainer import TrainerMetrics, run_trainer
+
+    create_topics(bootstrap, topic_names.all(), partitions=1)  # one partition: windows = produce order
+    w = 300
+    exs, burst = poison_across_two_windows(w, seed=21)
+    produce(bootstrap, topic_names.examples, exs)
+    settings = make_settings(bootstrap, topic_names, tmp_path, partitions=1, window_examples=w, idle_exit_s=2.0,
+                             label_guard_ratio=4.0 if guard else None)
+    metrics = TrainerMetrics()
+    out = run_trainer(settings, metrics=metrics, metrics_port=0)
+    assert out["windows"] == 9
+    rows = {r["window"]: r for r in windows_of(settings)}
+    assert rows[5]["ctr"] > 0.4 and rows[6]["ctr"] > 0.4  # both halves of the burst
+    reg = ModelRegistry(settings.trainer.registry_dir)
+    learned_poison = [v for v in reg.versions() if reg.info(v).meta["trained_through_window"] in (5, 6)]
+    if not guard:
+        # the weakness the guard is for: the gate publishes a candidate that learned the burst
+        assert learned_poison, [(r["window"], r["gate"], r.get("gate_reason")) for r in rows.values()]
+        return
+    assert [k for k, r in rows.items() if r.get("suspect")] == [5, 6]
+    for k in (6, 7):  # the candidates that learned windows 5 and 6: rejected, learner reset to serving
+        assert rows[k]["gate"] == "reject" and "held as suspect" in rows[k]["gate_reason"], rows[k]
+        assert rows[k]["reset_to"] == rows[k]["serving_version"]
+    assert not learned_poison
+    assert rows[8]["gate"] == "publish"  # the clean window after it learns and publishes again
+    assert metrics.registry.get_sample_value("adstream_trainer_suspect_windows_total", CTR) == 2
 
 
 @pytest.mark.slow
@@ -344,6 +393,17 @@ def test_cli_options_and_models_command(tmp_path, capsys):
 
     assert main(["train", "--window-examples", "0", "--checkpoint-dir", str(tmp_path)]) == 1
     assert "invalid trainer options" in capsys.readouterr().err
+    assert main(["train", "--label-guard", "0.5", "--checkpoint-dir", str(tmp_path)]) == 1
+    assert "label_guard_ratio" in capsys.readouterr().err
+    import argparse
+
+    from streams.trainer import add_arguments, label_guard, settings_for
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    base = Settings()
+    assert label_guard(base.trainer).ratio == 4.0  # on by default
+    assert label_guard(settings_for(p.parse_args(["--label-guard", "0"]), base).trainer) is None
+    assert label_guard(settings_for(p.parse_args(["--label-guard", "6"]), base).trainer).ratio == 6.0
     reg = ModelRegistry(tmp_path / "reg")
     reg.publish({"w": 1}, {"window": 1, "auc": 0.7, "logloss": 0.2, "strategy": "ddp"})
     reg.reject({"w": 2}, {"window": 2, "auc": 0.5, "logloss": 0.9, "strategy": "ddp"})
