@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from adstream.cli import settings_from_args
-    from adstream.drill import DrillConfig, print_table, run_drill, write_json
+    from adstream.drill import DrillConfig, run_drill
+    from adstream.drill_audit import print_table, write_json
     from adstream.loop import WorkerFailed, log_tail
 
     cfg = DrillConfig.short() if args.short else DrillConfig()

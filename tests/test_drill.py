@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from adstream.drill import (POISON_PREFIX, AuditContext, DrillConfig, DrillReport, audit, malformed_records,
-                            print_table)
+from adstream.drill import POISON_PREFIX, DrillConfig, DrillReport, malformed_records
+from adstream.drill_audit import AuditContext, audit, print_table
 from core.events import Example, Impression
 from core.settings import Settings
 
@@ -152,6 +152,12 @@ def test_the_audit_passes_a_clean_loop_and_fails_every_kind_of_loss(tmp_path, mo
     ctx8, _ = good_loop(tmp_path)
     ctx8._windows = [{"window": 4, "ctr": 0.81, "gate": "publish"}, {"window": 5, "ctr": 0.04, "gate": "publish"}]
     assert not run_audit(ctx8, served)["poisoned window gated out"]
+    # a burst split across windows 4 and 5: the candidate that learned 4, judged on 5, was published
+    ctx8._windows = [{"window": 4, "ctr": 0.55, "gate": "publish"}, {"window": 5, "ctr": 0.52, "gate": "publish"},
+                     {"window": 6, "ctr": 0.04, "gate": "reject"}]
+    assert not run_audit(ctx8, served)["poisoned window gated out"]
+    ctx8._windows[1]["gate"] = "reject"
+    assert run_audit(ctx8, served)["poisoned window gated out"]
     ctx6, _ = good_loop(tmp_path, dead=all_dead_letters()[1:])
     assert not run_audit(ctx6, served)["malformed records dead-lettered"]
     ctx7, _ = good_loop(tmp_path, dead=all_dead_letters() + [{"topic": "clicks", "partition": 2, "offset": 5,
