@@ -56,10 +56,12 @@ class LabelRateGuard:
     def judge(self, records: Iterable[dict[str, Any]]) -> str | None:
         """Why this window is suspect, or None (then it joins the baseline)."""
         records = list(records)
-        n = len(records)
-        if n == 0:
+        return self.judge_counts(sum(1 for r in records if self.label(r)), len(records))
+
+    def judge_counts(self, pos: int, n: int) -> str | None:
+        """:meth:`judge` on a window of ``n`` records, ``pos`` of them positive."""
+        if n <= 0:
             return None
-        pos = sum(1 for r in records if self.label(r))
         rate = pos / n
         base = self.baseline()
         if base is not None:
@@ -70,8 +72,8 @@ class LabelRateGuard:
                 if len(self.held) < self.accept_after:
                     return (f"positive rate {rate:.3f} of {n} records is {rate / p0:.1f}x the recent windows' "
                             f"{base:.3f} ({z:.0f} standard errors above)")
-                log.warning("positive rate %.3f is the %d-th window in a row far above the baseline %.3f: taken "
-                            "as the new rate", rate, len(self.held), base)
+                log.warning("positive rate %.3f: %d windows in a row far above the baseline %.3f, taken as the "
+                            "new rate", rate, len(self.held), base)
                 self.windows = deque(self.held, maxlen=self.history)
                 self.held = []
                 return None
