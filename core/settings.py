@@ -122,6 +122,20 @@ class FeatureSettings(BaseModel):
         return self
 
 
+class LabelGuardSettings(BaseModel):
+    """The label-rate guard of a stream model worker on the click label (streams/label_guard.py,
+    docs/trainer.md "Label-rate guard"): a window whose click rate is at least ``ratio`` x the pooled
+    rate of the last ``history`` windows (from ``warmup`` of them on) and ``min_z`` standard errors
+    above it is held as suspect, and the candidate that learned it rejected; a rise that lasts
+    ``accept_after`` windows in a row is taken as the new rate. ``ratio: null`` turns it off."""
+
+    ratio: float | None = Field(4.0, gt=1)
+    min_z: float = Field(4.0, ge=0)
+    history: int = Field(8, ge=1)
+    warmup: int = Field(3, ge=1)
+    accept_after: int = Field(3, ge=1)
+
+
 class TrainerSettings(BaseModel):
     """The stream trainer (``adstream train``); owned by streams/trainer.py (docs/trainer.md)."""
 
@@ -153,15 +167,7 @@ class TrainerSettings(BaseModel):
     gate_logloss_margin: float = Field(0.01, ge=0)
     gate_calibration_margin: float = Field(0.4, ge=0)  # log scale: e^0.4 ≈ 1.5x more over/under-prediction
     on_reject: str = Field("reset", pattern="^(reset|continue)$")
-    # label-rate guard (streams/label_guard.py, docs/trainer.md): a window whose click rate is at least
-    # ratio x the median of the last `history` windows and min_z standard errors above it is held as
-    # suspect, and the candidate that learned it rejected; a rise lasting accept_after windows in a row
-    # is taken as the new rate; None turns it off
-    label_guard_ratio: float | None = Field(4.0, gt=1)
-    label_guard_min_z: float = Field(4.0, ge=0)
-    label_guard_history: int = Field(8, ge=1)
-    label_guard_warmup: int = Field(3, ge=1)
-    label_guard_accept_after: int = Field(3, ge=1)
+    label_guard: LabelGuardSettings = LabelGuardSettings()
     # stream hygiene and stop conditions
     # de-duplication by key over an event-time horizon (None = the joiner's re-emission horizon:
     # join.attribution_window_s + join.allowed_lateness_s + 120 s); dedup_max_keys bounds memory
@@ -201,6 +207,7 @@ class CreativeSettings(BaseModel):
     gate_calibration_margin: float = Field(0.4, ge=0)  # AR+ is a CTR model: its gate has the calibration criteria
     joint: str = Field("all", pattern="^(all|each)$")  # publish AR+ and CR+ together, or each on its own
     on_reject: str = Field("reset", pattern="^(reset|continue)$")
+    label_guard: LabelGuardSettings = LabelGuardSettings()  # the same click label as the CTR trainer's
     max_windows: int | None = Field(None, ge=1)
     idle_exit_s: float | None = Field(None, gt=0)
     threads: int = Field(1, ge=1)

@@ -25,6 +25,7 @@ from core.errors import AdstreamError, ConfigError
 from core.logs import setup_logging, verbosity_from_env
 from core.settings import CreativeSettings, Settings, load_settings
 from streams.broker import resolve_bootstrap
+from streams.label_guard import label_guard
 from streams.model_worker import ModelWorker, WorkerConfig
 from streams.trainer import dedup_horizon_s
 from streams.worker_metrics import ModelWorkerMetrics
@@ -72,6 +73,7 @@ class CreativeTrainer(ModelWorker):
 
     def __init__(self, settings: Settings, metrics: ModelWorkerMetrics | None = None, **kw: Any) -> None:
         self.settings = settings
+        kw.setdefault("guard", label_guard(settings.creative.label_guard))
         super().__init__(jac_model(settings.creative), worker_config(settings), resolve_bootstrap(settings),
                          settings.kafka, metrics=metrics or ModelWorkerMetrics(worker=WORKER), **kw)
 

@@ -88,3 +88,11 @@ class LabelRateGuard:
         state = state or {}
         self.windows = deque(((int(p), int(n)) for p, n in state.get("windows", [])), maxlen=self.history)
         self.held = [(int(p), int(n)) for p, n in state.get("held", [])]
+
+
+def label_guard(settings: Any) -> LabelRateGuard | None:
+    """The guard of a ``core.settings.LabelGuardSettings`` (None when its ``ratio`` is None)."""
+    if settings.ratio is None:
+        return None
+    return LabelRateGuard(settings.ratio, settings.min_z, settings.history, min(settings.warmup, settings.history),
+                          settings.accept_after)

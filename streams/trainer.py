@@ -22,7 +22,7 @@ from core.errors import AdstreamError, ConfigError
 from core.logs import setup_logging, verbosity_from_env
 from core.settings import Settings, TrainerSettings, load_settings
 from streams.broker import resolve_bootstrap
-from streams.label_guard import LabelRateGuard
+from streams.label_guard import label_guard
 from streams.model_worker import ModelWorker, WorkerConfig, run_worker
 from streams.worker_metrics import ModelWorkerMetrics
 
@@ -153,14 +153,6 @@ class TrainerMetrics(ModelWorkerMetrics):
         super().__init__(worker_metrics, worker=WORKER)
 
 
-def label_guard(ts: TrainerSettings) -> LabelRateGuard | None:
-    """The trainer's label-rate guard on the click label (None when ``label_guard_ratio`` is None)."""
-    if ts.label_guard_ratio is None:
-        return None
-    return LabelRateGuard(ts.label_guard_ratio, ts.label_guard_min_z, ts.label_guard_history,
-                          min(ts.label_guard_warmup, ts.label_guard_history), ts.label_guard_accept_after)
-
-
 class CTRTrainer(ModelWorker):
     """The CTR model (``CTRStreamModel``, + a shadow learner with ``compare``) on the stream model
     worker, configured by ``settings``. Keywords go to :class:`streams.model_worker.ModelWorker`."""
@@ -169,7 +161,7 @@ class CTRTrainer(ModelWorker):
         ts = self.ts = settings.trainer
         self.settings = settings
         shadows = {"shadow": ctr_model(ts, ts.compare, name=f"{ts.model_name}-shadow")} if ts.compare else None
-        kw.setdefault("guard", label_guard(ts))
+        kw.setdefault("guard", label_guard(ts.label_guard))
         super().__init__(ctr_model(ts), worker_config(settings), resolve_bootstrap(settings), settings.kafka,
                          shadows=shadows, metrics=metrics or TrainerMetrics(), **kw)
 
@@ -265,7 +257,7 @@ def settings_for(args: argparse.Namespace, settings: Settings) -> Settings:
         upd.setdefault("gate_auc_margin", args.gate_margin)
         upd.setdefault("gate_logloss_margin", args.gate_margin)
     if getattr(args, "label_guard", None) is not None:
-        upd["label_guard_ratio"] = args.label_guard or None
+        upd["label_guard"] = {**settings.trainer.label_guard.model_dump(), "ratio": args.label_guard or None}
     if getattr(args, "window_examples", None) is not None:
         upd["window_seconds"] = None
     if not upd:

@@ -88,3 +88,37 @@ def test_jac_job_publishes_both_halves_per_window(bootstrap, topic_names, tmp_pa
     out2 = run_creative_trainer(settings, metrics_port=0)
     assert out2["windows"] == 4 and out2["windows_this_run"] == 1 and out2["examples_trained"] == 3200
     assert ModelRegistry(settings.creative.registry_dir, "jac-cr").latest() == "v000003"
+
+
+@pytest.mark.slow
+def test_a_click_burst_is_held_by_the_jac_jobs_label_guard(bootstrap, topic_names, tmp_path, one_torch_thread):
+    """The JAC job reads the same clicks as the CTR trainer, with the same guard: a burst of
+    all-clicked examples across windows 4 and 5 is held, both halves of the candidates that learned
+    it are rejected, although the gate's margins here would publish anything."""
+    from models.registry import ModelRegistry
+    from streams.creative_trainer import run_creative_trainer
+
+    create_topics(bootstrap, topic_names.all(), partitions=1)  # one partition: windows = produce order
+    w = 300
+    exs = content_examples(7 * w)
+    burst = content_examples(w, seed=9)
+    for i, ex in enumerate(burst):
+        ex.request_id, ex.clicked = f"burst-{i}", 1
+    at = 4 * w + w // 2
+    produce(bootstrap, topic_names.examples, exs[:at] + burst + exs[at:])
+    settings = settings_for(bootstrap, topic_names, tmp_path, window_examples=w, gate_nsctr_margin=1.0,
+                            gate_auc_margin=1.0, gate_logloss_margin=1.0, gate_calibration_margin=10.0)
+    settings.kafka.partitions = 1
+    out = run_creative_trainer(settings, metrics_port=0)
+    assert out["windows"] == 8
+    rows = {r["window"]: r for r in (json.loads(x) for x in
+                                     (Path(settings.creative.checkpoint_dir) / "windows.jsonl").read_text().splitlines())}
+    assert [k for k, r in rows.items() if r.get("suspect")] == [4, 5]
+    for k in (5, 6):
+        for part in ("jac-ar", "jac-cr"):
+            p = rows[k]["parts"][part]
+            assert p["gate"] == "reject" and "held as suspect" in p["gate_reason"], (k, part, p)
+    assert all(rows[k]["gate"] == "publish" for k in (1, 2, 3, 4, 7))
+    for name in ("jac-ar", "jac-cr"):
+        reg = ModelRegistry(settings.creative.registry_dir, name)
+        assert {reg.info(v).meta["trained_through_window"] for v in reg.versions()}.isdisjoint({4, 5})

@@ -260,7 +260,7 @@ def test_poisoned_window_is_rejected_and_serving_kept(bootstrap, topic_names, tm
     # the default gate (docs/trainer.md, "Gate") on its own: the label-rate guard (which would hold window 3,
     # 95 % clicked) is off here; test_poison_across_two_windows_is_held_by_the_label_guard has it on
     settings = make_settings(bootstrap, topic_names, tmp_path, partitions=1, window_examples=w, idle_exit_s=2.0,
-                             label_guard_ratio=None)
+                             label_guard={"ratio": None})
     metrics = TrainerMetrics()
     out = run_trainer(settings, metrics=metrics, metrics_port=0)
     assert out["windows"] == 6
@@ -316,7 +316,7 @@ def test_poison_across_two_windows_is_held_by_the_label_guard(bootstrap, topic_n
     exs, burst = poison_across_two_windows(w, seed=21)
     produce(bootstrap, topic_names.examples, exs)
     settings = make_settings(bootstrap, topic_names, tmp_path, partitions=1, window_examples=w, idle_exit_s=2.0,
-                             label_guard_ratio=4.0 if guard else None)
+                             label_guard={"ratio": 4.0 if guard else None})
     metrics = TrainerMetrics()
     out = run_trainer(settings, metrics=metrics, metrics_port=0)
     assert out["windows"] == 9
@@ -394,16 +394,18 @@ def test_cli_options_and_models_command(tmp_path, capsys):
     assert main(["train", "--window-examples", "0", "--checkpoint-dir", str(tmp_path)]) == 1
     assert "invalid trainer options" in capsys.readouterr().err
     assert main(["train", "--label-guard", "0.5", "--checkpoint-dir", str(tmp_path)]) == 1
-    assert "label_guard_ratio" in capsys.readouterr().err
+    assert "label_guard.ratio" in capsys.readouterr().err
     import argparse
 
-    from streams.trainer import add_arguments, label_guard, settings_for
+    from streams.label_guard import label_guard
+    from streams.trainer import add_arguments, settings_for
     p = argparse.ArgumentParser()
     add_arguments(p)
     base = Settings()
-    assert label_guard(base.trainer).ratio == 4.0  # on by default
-    assert label_guard(settings_for(p.parse_args(["--label-guard", "0"]), base).trainer) is None
-    assert label_guard(settings_for(p.parse_args(["--label-guard", "6"]), base).trainer).ratio == 6.0
+    assert label_guard(base.trainer.label_guard).ratio == 4.0  # on by default
+    assert label_guard(settings_for(p.parse_args(["--label-guard", "0"]), base).trainer.label_guard) is None
+    guard = label_guard(settings_for(p.parse_args(["--label-guard", "6"]), base).trainer.label_guard)
+    assert guard.ratio == 6.0 and guard.history == 8
     reg = ModelRegistry(tmp_path / "reg")
     reg.publish({"w": 1}, {"window": 1, "auc": 0.7, "logloss": 0.2, "strategy": "ddp"})
     reg.reject({"w": 2}, {"window": 2, "auc": 0.5, "logloss": 0.9, "strategy": "ddp"})
