@@ -13,9 +13,8 @@ Hygiene, for every run:
   defaults land there), and at the end the repository is checked for files the run left behind:
   any new untracked or ignored file fails the session ("tests write only under temporary
   directories").
-- A test whose service is missing (``tests.harness.skip_service_missing``) fails when
-  ``ADSTREAM_REQUIRE_SERVICES`` (``make test``) or ``CI`` is set, and is skipped only otherwise:
-  never a green run without the services.
+- A test whose service is missing (``tests.harness.fail_service_missing``) fails, saying what is
+  missing: never a skip, never a green run without the services.
 - ``unique_topic_prefix`` / ``topic_names`` / ``kafka_settings``: names no other test uses, so tests
   on the shared broker do not interfere.
 """
@@ -33,7 +32,7 @@ import pytest
 
 from core.settings import BrokerSettings, KafkaSettings, TopicNames
 from streams.broker import EmbeddedBroker
-from tests.harness import ExternalBroker, RedisServer, RedisUnavailable, skip_service_missing
+from tests.harness import ExternalBroker, RedisServer, RedisUnavailable, fail_service_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,7 +136,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     try:
         server = RedisServer(tmp_path_factory.mktemp("redis"))
     except RedisUnavailable as e:
-        skip_service_missing(str(e))
+        fail_service_missing(str(e))
     server.start()
     try:
         yield server

@@ -16,29 +16,18 @@ from pathlib import Path
 from streams.broker import free_port, port_open
 
 __all__ = ["free_port", "port_open", "wait_for", "ExternalBroker", "RedisServer", "RedisUnavailable",
-           "SERVICE_MISSING", "require_services", "skip_service_missing"]
+           "SERVICE_MISSING", "fail_service_missing"]
 
 # the start of every message that means "a service this test needs is not installed"
 SERVICE_MISSING = "service missing: "
 
 
-def require_services() -> bool:
-    """Whether a missing service is a failure (``make test`` sets ADSTREAM_REQUIRE_SERVICES; CI sets CI)."""
-    import os
-
-    return any(os.environ.get(v, "").strip().lower() not in ("", "0", "false", "no")
-               for v in ("ADSTREAM_REQUIRE_SERVICES", "CI"))
-
-
-def skip_service_missing(what: str) -> None:
-    """A service this test needs is not installed: a failure under `make test` and CI, never a green
-    run without it; a skip only when neither asks for the services (a developer's partial run)."""
+def fail_service_missing(what: str) -> None:
+    """A service this test needs is not installed: the test fails (under `make test`, CI and a
+    developer's partial run alike), saying what is missing; `tools/ensure-services` installs it."""
     import pytest
 
-    if require_services():
-        pytest.fail(SERVICE_MISSING + what + " (a failure under `make test` and CI: ADSTREAM_REQUIRE_SERVICES / "
-                    "CI is set; `tools/ensure-services` installs it)", pytrace=False)
-    pytest.skip(SERVICE_MISSING + what)
+    pytest.fail(SERVICE_MISSING + what + " (`tools/ensure-services` installs it)", pytrace=False)
 
 
 def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.1, what: str = "condition"):

