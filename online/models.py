@@ -43,9 +43,16 @@ def pin_torch_threads(n: int) -> None:
     if getattr(_thread_state, "torch_threads", 0) == n:
         return
     torch = sys.modules.get("torch")
-    if torch is None:
+    if torch is None or getattr(getattr(torch, "__spec__", None), "_initializing", False):
+        # not loaded, or being imported right now by the model loader's thread (the first CTR model
+        # of a service that started without torch): the module is partial, set_num_threads may not
+        # exist yet. Pinned on a later request, once the import is done.
         return
-    torch.set_num_threads(n)
+    try:
+        torch.set_num_threads(n)
+    except Exception as e:  # noqa: BLE001 - a thread setting must never fail a request
+        log.warning("torch.set_num_threads(%d) failed, threads left as they are: %s", n, e)
+        return
     _thread_state.torch_threads = n
 
 

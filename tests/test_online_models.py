@@ -144,3 +144,66 @@ def test_a_state_that_is_not_a_ctr_model_is_not_served(tmp_path, bad):
     ModelRegistry(tmp_path, "ctr").publish(bad)
     loader = ModelLoader(tmp_path, "ctr")
     assert loader.refresh() is None and loader.failed_loads == 1
+
+
+def test_pinning_threads_while_torch_is_being_imported_never_raises(monkeypatch):
+    """A service starts without torch; its loader thread imports torch for the first CTR model while
+    requests pin their threads. A partial module (no set_num_threads yet) is left alone, and the
+    thread is pinned on the next call once the import is done (a request failed with HTTP 500
+    AttributeError here)."""
+    import sys
+    import types
+
+    from online import models as online_models
+
+    calls = []
+    partial = types.ModuleType("torch")
+    partial.__spec__ = types.SimpleNamespace(name="torch", _initializing=True)
+    monkeypatch.setitem(sys.modules, "torch", partial)
+    monkeypatch.setattr(online_models, "_thread_state", threading.local())
+    online_models.pin_torch_threads(3)  # no set_num_threads on the module: must not raise
+    partial.set_num_threads = calls.append
+    online_models.pin_torch_threads(3)  # still importing: not called
+    assert calls == []
+    partial.__spec__._initializing = False
+    online_models.pin_torch_threads(3)
+    online_models.pin_torch_threads(3)  # once per thread
+    assert calls == [3]
+
+    def broken(n):
+        raise RuntimeError("cannot set threads")
+
+    monkeypatch.setattr(online_models, "_thread_state", threading.local())
+    partial.set_num_threads = broken
+    online_models.pin_torch_threads(3)  # logged, never raised
+
+
+def test_pinning_threads_races_a_real_torch_import():
+    """The real race in a fresh interpreter: one thread imports torch while another pins its threads
+    in a loop; no call may raise."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, threading, time
+from online.models import pin_torch_threads
+import online.models as m
+errors, calls = [], 0
+def importer():
+    import torch  # noqa: F401
+t = threading.Thread(target=importer)
+t.start()
+while t.is_alive() or calls == 0:
+    m._thread_state.torch_threads = 0  # pin again on every call
+    try:
+        pin_torch_threads(1)
+    except Exception as e:
+        errors.append(f"{type(e).__name__}: {e}")
+    calls += 1
+    time.sleep(0.0002)  # let the importer run
+t.join()
+print(len(errors), calls, errors[:1])
+sys.exit(1 if errors else 0)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
