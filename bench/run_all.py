@@ -214,6 +214,21 @@ def rows_serve(r: dict) -> list[dict]:
     return out
 
 
+def rows_first_model(r: dict) -> list[dict]:
+    def mean(name: str, key: str):
+        xs = [x[key] for x in r.get("runs") or [] if x.get("name") == name and x.get(key) is not None]
+        return round(sum(xs) / len(xs), 2) if xs else None
+
+    ours, base = mean("ours", "p99_ms"), mean("baseline", "p99_ms")
+    rate = r.get("rate", 20)
+    return [row(f"POST /v1/ads p99 while the first CTR model arrives, paced {rate:g} req/s (ms)", ours, base,
+                r.get("baseline_name", ""), "<= 20 ms", None if ours is None else ours <= 20, "ms",
+                "the swap or the import held requests (see the run's 'slowest')", higher_is_better=False),
+            row("service start to ready, registry empty (s)", mean("ours", "ready_s"), mean("baseline", "ready_s"),
+                "same, torch imported at the first swap", "(the cost: torch imported before ready)", None, "s",
+                higher_is_better=False)]
+
+
 def rows_shards(r: dict) -> list[dict]:
     runs = r.get("runs") or {}
     one = runs.get("1") or {}
@@ -281,6 +296,8 @@ BENCHES: dict[str, tuple[list[str], Callable[[dict], list[dict]]]] = {
                    "--backbones", "deepfm"], rows_ctr_speed),
     "serve": (["bench/bench_serve_paced.py", "--rates", "50", "100", "200", "--seconds", "8", "--redis-url", "{R}"],
               rows_serve),
+    "first_model": (["bench/bench_first_model.py", "--rate", "20", "--seconds", "12", "--runs", "1",
+                     "--redis-url", "{R}"], rows_first_model),
     "shards": (["bench/bench_feature_shards.py", "--shards", "2", "--backlog", "20000", "--rate", "10000",
                 "--seconds", "8", "--bootstrap", "{B}", "--redis-url", "{R}"], rows_shards),
     "model_freshness": (["bench/bench_model_freshness.py", "--seconds", "30", "--bootstrap", "{B}"],

@@ -39,7 +39,7 @@ from core.settings import ServeSettings
 from models.registry import RegistryError, RegistryReadOnly
 from online.index import AdIndex
 from online.metrics import ServeMetrics
-from online.models import ModelLoader
+from online.models import ModelLoader, preload_ctr
 from online.hotpath import AdItem, AdResponse, encode_ad_response  # noqa: F401 (AdItem: the schema)
 from online.service import AdRequestData, AdService
 
@@ -169,7 +169,8 @@ def create_app(
     metrics = metrics or ServeMetrics()
     index = index if index is not None else AdIndex()
     if loader is None:
-        loader = ModelLoader(registry_root or settings.registry_dir, settings.model_name, settings.model_poll_s)
+        loader = ModelLoader(registry_root or settings.registry_dir, settings.model_name, settings.model_poll_s,
+                             preload=preload_ctr)
     loader._on_swap = lambda old, new: metrics.model_swaps.labels(loader.name).inc()
     kw = dict(service_kwargs or {})
     if settings.creative_model and "creative_loader" not in kw:  # CR+ (docs/creative.md)

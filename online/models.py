@@ -30,7 +30,7 @@ from models.stream_model import is_thread_safe
 log = logging.getLogger(__name__)
 
 __all__ = ["BetaCreativeRanker", "LoadedModel", "ModelLoader", "build_learner", "pin_torch_threads",
-           "predict_or_baseline"]
+           "predict_or_baseline", "preload_ctr"]
 
 _thread_state = threading.local()
 
@@ -101,6 +101,11 @@ def build_learner(state: dict[str, Any]) -> Any:
     return CTRStreamModel.from_state(state)
 
 
+def preload_ctr() -> None:
+    """Import the CTR model's modules (torch, torchrec, fbgemm): the serving CTR loader's ``preload``."""
+    import models.ctr.stream  # noqa: F401
+
+
 def predict_or_baseline(loaded: LoadedModel | None, inputs: Any, baseline: Callable[[Any], Any], name: str,
                         degraded: list[str]) -> tuple[Any, str]:
     """``(output, version)`` of the served model; when it is missing or fails, ``(baseline(inputs),
@@ -121,8 +126,10 @@ class ModelLoader:
 
     def __init__(self, registry_root, name: str = "ctr", poll_s: float = 1.0,
                  build: Callable[[Any], Any] = build_learner,
-                 on_swap: Callable[[LoadedModel | None, LoadedModel], None] | None = None) -> None:
+                 on_swap: Callable[[LoadedModel | None, LoadedModel], None] | None = None,
+                 preload: Callable[[], None] | None = None) -> None:
         self.registry = ModelRegistry(registry_root, name)
+        self._preload = preload  # run once, before the first look at the registry (_run_preload)
         self.name = name
         self.poll_s = poll_s
         self._build = build
@@ -144,6 +151,7 @@ class ModelLoader:
         """Load ``LATEST`` if it differs from the served version; returns what is served now.
         A version that fails to load or warm is logged, counted and not served (the old one stays)."""
         with self._lock:
+            self._run_preload()
             try:
                 latest = self.registry.latest()
             except RegistryError as e:
@@ -192,6 +200,21 @@ class ModelLoader:
             self._thread = threading.Thread(target=self._run, name=f"model-loader-{self.name}", daemon=True)
             self._thread.start()
         return self
+
+    def _run_preload(self) -> None:
+        """``preload`` once, before the first look at the registry (so before readiness, ``checked``):
+        e.g. the CTR model's modules (torch, fbgemm: seconds of Python), which would otherwise be
+        imported when the first version is published, while requests are served under the same GIL
+        (measured: requests held up to 280 ms, ``bench/bench_first_model.py``). Called with the lock."""
+        if self._preload is None:
+            return
+        preload, self._preload = self._preload, None
+        t0 = time.perf_counter()
+        try:
+            preload()
+            log.info("model %s: its modules loaded in %.2fs", self.name, time.perf_counter() - t0)
+        except Exception:  # noqa: BLE001 - loading a version will say what is wrong
+            log.exception("model %s: preload failed", self.name)
 
     def _run(self) -> None:
         while not self._stop.is_set():

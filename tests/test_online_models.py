@@ -4,6 +4,7 @@ global lock (concurrent = serial, the served network never toggled); the baselin
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -207,3 +208,60 @@ sys.exit(1 if errors else 0)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_loader_preloads_before_its_first_look_and_readiness(tmp_path, fails):
+    """The serving CTR loader imports torch before its first look at the registry (``preload``), so a
+    service is ready only once a model can be loaded without a seconds-long import under traffic.
+    A failing preload is logged; the loader goes on (loading a version says what is wrong)."""
+    ModelRegistry(tmp_path, "scale").publish(Scale(2.0).state())
+    release = threading.Event()
+    order = []
+
+    def preload():
+        release.wait(10)
+        order.append("preload")
+        if fails:
+            raise ImportError("no such module")
+
+    loader = ModelLoader(tmp_path, "scale", poll_s=0.05, build=Scale.from_state, preload=preload).start()
+    try:
+        assert not loader.checked.wait(0.3) and loader.current is None  # held by the preload
+        release.set()
+        assert loader.checked.wait(10) and order == ["preload"]
+        assert loader.current.version == "v000001"
+    finally:
+        loader.stop()
+
+
+def test_the_services_ctr_loader_preloads_before_create_app_returns(tmp_path, monkeypatch):
+    """``create_app`` looks at the registry once before it returns: the CTR loader's preload (torch)
+    runs there, before the loader is ``checked`` (readiness), even with nothing published yet."""
+    import online.app as online_app
+    from core.settings import ServeSettings
+    from online.models import preload_ctr
+
+    assert online_app.preload_ctr is preload_ctr
+    seen = []
+
+    def recording_preload():
+        seen.append(("preload", app_loader[0].checked.is_set() if app_loader else None))
+
+    app_loader = []
+    real_init = ModelLoader.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        app_loader.append(self)
+
+    monkeypatch.setattr(ModelLoader, "__init__", init)
+    monkeypatch.setattr(online_app, "preload_ctr", recording_preload)
+    app = online_app.create_app(ServeSettings(model_poll_s=0.05), registry_root=tmp_path)
+    try:
+        assert seen == [("preload", False)]  # ran once, before the first look
+        assert app.state.loader.checked.is_set()
+        time.sleep(0.2)
+        assert seen == [("preload", False)]  # the loader's thread does not run it again
+    finally:
+        app.state.close()
