@@ -5,7 +5,9 @@ creative ranker's Beta baseline.
 A new version is loaded (safetensors + JSON: nothing in it can run code), rebuilt with the model's
 ``from_state``, warmed (its ``warm()`` hook) off the request path, then put in place with a single
 reference assignment (``self._current = loaded``). A request reads ``loader.current`` once and uses
-that object to the end, so in-flight requests finish on the version they started with.
+that object to the end, so in-flight requests finish on the version they started with. A loader's
+``preload`` runs once before its first look (the service's CTR loader imports torch there: not
+under traffic when the first version arrives; docs/speed.md "The first CTR model").
 
 Predictions take no lock: a StreamModel's ``predict`` is read-only (the CTR model's served copy
 never toggles train/eval). A model that declares ``thread_safe = False`` is serialised per version.
@@ -44,8 +46,8 @@ def pin_torch_threads(n: int) -> None:
         return
     torch = sys.modules.get("torch")
     if torch is None or getattr(getattr(torch, "__spec__", None), "_initializing", False):
-        # not loaded, or being imported right now by the model loader's thread (the first CTR model
-        # of a service that started without torch): the module is partial, set_num_threads may not
+        # not loaded, or being imported right now by another thread (a loader building the first
+        # version of a model that needs torch): the module is partial, set_num_threads may not
         # exist yet. Pinned on a later request, once the import is done.
         return
     try:
