@@ -40,10 +40,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def _pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    return round(s[min(len(s) - 1, int(q / 100 * len(s)))] * 1e3, 2)
+    """``bench_serve_paced.pct`` of latencies in seconds, in ms."""
+    from bench.bench_serve_paced import pct
+
+    v = pct(xs, q)
+    return None if v is None else round(v * 1e3, 2)
 
 
 async def _load(url: str, rate: float, seconds: float, swap_at: float, promote) -> dict:
@@ -181,21 +182,14 @@ def main() -> int:
         _serve(a.serve, a.redis, not a.no_preload)
         return 0
 
+    from adstream.drill import RedisProcess
     from bench.bench_serve import push_features, train_model
     from core.settings import FeatureSettings
     from features.store import FeatureStoreClient
-    from streams.broker import free_port
 
     work = Path(tempfile.mkdtemp(prefix="bench-first-model-"))
-    redis_proc = None
-    url = a.redis_url
-    if not url:
-        port = free_port()
-        redis_proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                                       "--appendonly", "no", "--dir", str(work)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"127.0.0.1:{port}"
-        time.sleep(0.5)
+    redis = None if a.redis_url else RedisProcess(work / "redis").start()
+    url = a.redis_url or redis.address
     try:
         fs = FeatureStoreClient(FeatureSettings(repo_dir=work / "repo", online_store="redis", redis_url=url))
         push_features(fs, time.time() - 3600)
@@ -214,9 +208,8 @@ def main() -> int:
         Path(a.out).write_text(json.dumps(res, indent=2))
         print(f"wrote {a.out}")
     finally:
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(10)
+        if redis is not None:
+            redis.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

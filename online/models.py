@@ -207,7 +207,7 @@ class ModelLoader:
         """``preload`` once, before the first look at the registry (so before readiness, ``checked``):
         e.g. the CTR model's modules (torch, fbgemm: seconds of Python), which would otherwise be
         imported when the first version is published, while requests are served under the same GIL
-        (measured: requests held up to 280 ms, ``bench/bench_first_model.py``). Called with the lock."""
+        (measured: docs/speed.md "The first CTR model"). Called with the lock."""
         if self._preload is None:
             return
         preload, self._preload = self._preload, None
